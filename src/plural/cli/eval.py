@@ -1,0 +1,7 @@
+"""`plural eval` (filled in by its issue)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,145 @@
+"""The adapter artifact: a PEFT LoRA folder plus the `plural.json` manifest.
+
+    <adapter>/
+        adapter_config.json          standard PEFT (loadable by peft.PeftModel.from_pretrained, vLLM)
+        adapter_model.safetensors    standard PEFT
+        plural.json                  where it came from: base fingerprint, data sha256, config,
+                                     method, metrics, created time (and later: federation, signature)
+
+Only safetensors are ever read from an adapter folder; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from plural.errors import PluralError
+from plural.store.models import StoredModel
+from plural.store.paths import adapters_dir, atomic_dir, write_json_atomic
+
+MANIFEST = "plural.json"
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def build_manifest(
+    base: StoredModel,
+    method: str,
+    config: dict[str, Any] | None = None,
+    data_files: list[str | Path] = (),
+    metrics: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "method": method,
+        "base": {"name": base.name, "fingerprint": base.fingerprint, "architecture": base.manifest.get("architecture")},
+        "data": [{"path": str(p), "sha256": sha256_file(p)} for p in data_files],
+        "config": config or {},
+        "metrics": metrics or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+
+
+def save_adapter(peft_model, out_dir: str | Path, manifest: dict[str, Any], overwrite: bool = True) -> Path:
+    """Write the PEFT adapter and its manifest atomically (temp folder, then rename)."""
+    out = Path(out_dir)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        # Point the PEFT config at the stored base so plain PEFT finds it on this machine.
+        cfg_path = tmp / CONFIG
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = str(_base_path(manifest))
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        write_json_atomic(tmp / MANIFEST, manifest)
+        for extra in tmp.glob("README.md"):
+            extra.unlink()
+    return out
+
+
+def _base_path(manifest: dict[str, Any]) -> Path | str:
+    from plural.store.models import get_model
+
+    try:
+        return get_model(manifest["base"]["name"]).path
+    except PluralError:
+        return manifest["base"]["name"]
+
+
+def resolve_adapter(ref: str | Path) -> Path:
+    """An adapter by path, or by name in `$PLURAL_HOME/adapters/`."""
+    p = Path(ref).expanduser()
+    if not (p / CONFIG).is_file():
+        named = adapters_dir() / str(ref)
+        if (named / CONFIG).is_file():
+            p = named
+        elif p.exists():
+            raise PluralError(f"{p}: not an adapter folder (no {CONFIG})")
+        else:
+            raise PluralError(f"adapter {str(ref)!r} not found: no such folder, and not in {adapters_dir()}")
+    if not (p / WEIGHTS).is_file():
+        raise PluralError(f"{p}: no {WEIGHTS}; plural reads adapters only as safetensors")
+    return p
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    p = resolve_adapter(path) / MANIFEST
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise PluralError(f"{p}: not valid JSON ({e})") from e
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    p = resolve_adapter(path) / CONFIG
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise PluralError(f"{p}: not valid JSON ({e})") from e
+
+
+def check_base(path: str | Path, base: StoredModel) -> None:
+    """Refuse an adapter trained on another base (by weight fingerprint, when the manifest has one)."""
+    man = read_manifest(path)
+    fp = man.get("base", {}).get("fingerprint")
+    if fp and fp != base.fingerprint:
+        raise PluralError(
+            f"adapter {path} was trained on base {man['base'].get('name')!r} ({fp[:19]}…), "
+            f"not on {base.name!r} ({base.fingerprint[:19]}…)"
+        )
+
+
+def load_adapter_weights(path: str | Path) -> dict[str, Any]:
+    """The adapter's tensors (safetensors only), keyed as PEFT saved them."""
+    from safetensors.torch import load_file
+
+    return load_file(str(resolve_adapter(path) / WEIGHTS))
+
+
+def attach_adapter(model, path: str | Path, base: StoredModel | None = None, adapter_name: str = "default", is_trainable: bool = False):
+    """Wrap `model` in a PeftModel with the adapter at `path` (checked against `base`)."""
+    from peft import PeftModel
+
+    p = resolve_adapter(path)
+    if base is not None:
+        check_base(p, base)
+    try:
+        return PeftModel.from_pretrained(model, str(p), adapter_name=adapter_name, is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise PluralError(f"{p}: the adapter does not fit the base model: {e}") from e

