@@ -9,7 +9,7 @@ from plural.config import dump_yaml
 from plural.errors import PluralError
 
 # method -> module with `run(cfg, run_dir, resume) -> adapter path`
-RECIPES = {"sft": "plural.tune.sft", "text": "plural.tune.text"}
+RECIPES = {"sft": "plural.tune.sft", "text": "plural.tune.text", "dpo": "plural.tune.dpo", "orpo": "plural.tune.orpo"}
 CONFIG_NAME = "config.yaml"
 
 

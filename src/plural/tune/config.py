@@ -1,10 +1,12 @@
 """The tune config (one YAML per run), validated at load.
 
-    method: sft                      # sft | text  (dpo / orpo: value-profile issue)
+    method: sft                      # sft | text | dpo | orpo
+    init_adapter: runs/sft/adapter   # dpo / orpo: start from this (SFT) adapter
     model: smollm2-135m-instruct     # a model in the store
     data: {train: [a.jsonl], eval: b.jsonl, max_length: 512, packing: true}
     lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: [...]}
     train: {epochs: 3, batch_size: 4, grad_accum: 1, lr: 2e-4, precision: auto, save_every: 50, ...}
+    preference: {beta: 0.1}          # dpo / orpo only
     output: runs/NAME                # the run folder
 """
 
@@ -17,7 +19,8 @@ from pydantic import Field, field_validator, model_validator
 
 from plural.config import Strict
 
-METHODS = ("sft", "text")
+METHODS = ("sft", "text", "dpo", "orpo")
+PREFERENCE_METHODS = ("dpo", "orpo")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -61,11 +64,20 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores / processes)")
 
 
+class PreferenceConfig(Strict):
+    """dpo: beta is the KL strength of the implicit reward (Rafailov et al. 2023); orpo: beta is the
+    odds-ratio weight lambda (Hong et al. 2024). 0.1 suits both on small models (docs/value-profiles.md)."""
+
+    beta: float = Field(0.1, gt=0, le=10)
+
+
 class TuneConfig(Strict):
-    method: Literal["sft", "text"] = "sft"
+    method: Literal["sft", "text", "dpo", "orpo"] = "sft"
     model: str = "smollm2-135m-instruct"
+    init_adapter: Path | None = Field(None, description="dpo / orpo: continue training this adapter (usually the SFT one)")
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: Path = Path("runs/run")
 
@@ -73,6 +85,12 @@ class TuneConfig(Strict):
     def _consistent(self):
         if self.train.eval_every and self.data.eval is None:
             raise ValueError("train.eval_every is set but data.eval is not: give a held-out file or set eval_every: 0")
+        # Compared with the defaults, not model_fields_set: a resolved config.yaml spells every key out.
+        if self.method not in PREFERENCE_METHODS:
+            if self.init_adapter is not None:
+                raise ValueError(f"init_adapter: only used by method dpo or orpo, not {self.method}")
+            if self.preference != PreferenceConfig():
+                raise ValueError(f"preference: only used by method dpo or orpo, not {self.method}")
         return self
 
     def resolve_paths(self, base: Path) -> "TuneConfig":
@@ -84,4 +102,7 @@ class TuneConfig(Strict):
             return p.resolve()
 
         d = self.data
-        return self.model_copy(update={"data": d.model_copy(update={"train": [fix(p) for p in d.train], "eval": fix(d.eval) if d.eval else None})})
+        return self.model_copy(update={
+            "data": d.model_copy(update={"train": [fix(p) for p in d.train], "eval": fix(d.eval) if d.eval else None}),
+            "init_adapter": fix(self.init_adapter) if self.init_adapter else None,
+        })
