@@ -86,8 +86,6 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {}
-_loaded_builtin = False
-_loaded_entry_points = False
 
 
 def register_kind(kind: Kind) -> Kind:
@@ -99,35 +97,34 @@ def register_kind(kind: Kind) -> Kind:
     return kind
 
 
-def _load_kinds() -> None:
-    global _loaded_builtin, _loaded_entry_points
-    if not _loaded_builtin:
-        import plural.evaluate.kinds  # noqa: F401  (registers the built-in kinds)
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
 
-        _loaded_builtin = True
-    if not _loaded_entry_points:
-        from importlib.metadata import entry_points
-
-        _loaded_entry_points = True
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in KINDS:
-                continue
-            obj = ep.load()
-            if not isinstance(obj, Kind):
-                raise PluralError(f"entry point {ep.name} = {ep.value} ({ENTRY_POINT_GROUP}) is not a plural.evaluate.suites.Kind")
-            register_kind(obj)
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def get_kind(name: str) -> Kind:
-    _load_kinds()
+    """The kind called `name`: built in, registered, or (loaded only when asked for) an entry point."""
+    import plural.evaluate.kinds  # noqa: F401  (registers the built-in kinds)
+
     if name not in KINDS:
-        raise PluralError(f"unknown suite kind {name!r}; known kinds: {', '.join(sorted(KINDS))}")
+        ep = _entry_points().get(name)
+        if ep is None:
+            raise PluralError(f"unknown suite kind {name!r}; known kinds: {', '.join(kind_names())}")
+        try:
+            obj = ep.load()
+        except ImportError as e:
+            raise PluralError(f"suite kind {name!r} ({ep.value}) could not be imported: {e}") from e
+        if not isinstance(obj, Kind) or obj.name != name:
+            raise PluralError(f"entry point {name} = {ep.value} ({ENTRY_POINT_GROUP}) is not a plural.evaluate.suites.Kind named {name!r}")
+        register_kind(obj)
     return KINDS[name]
 
 
 def kind_names() -> list[str]:
-    _load_kinds()
-    return sorted(KINDS)
+    import plural.evaluate.kinds  # noqa: F401
+
+    return sorted(set(KINDS) | set(_entry_points()))
 
 
 def read_header(path: Path) -> dict[str, Any] | None:
