@@ -5,7 +5,7 @@
       sft_eval.jsonl            chat: the held-out examples' good answers
       pref_train.jsonl          preference: prompt, chosen = good, rejected = bad
       pref_eval.jsonl           preference: held out (preference accuracy in `values eval`)
-      probes.jsonl              every probe: {id, principle, language, prompt, expected, contrast}
+      values_suite.jsonl        the `values` suite of `plural eval`: held-out pairs and every probe
       tune-sft.yaml             ready-to-run `plural tune` configs (SFT, then DPO from the SFT adapter)
       tune-dpo.yaml
       compile.json              profile id/version/sha256, split, counts
@@ -33,7 +33,8 @@ import yaml
 from plural.store.paths import atomic_dir, write_json_atomic
 from plural.values.profile import Example, Profile, _norm
 
-FILES = ("sft_train.jsonl", "sft_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl", "probes.jsonl")
+FILES = ("sft_train.jsonl", "sft_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl", "values_suite.jsonl")
+SUITE = "values_suite.jsonl"
 
 
 @dataclass
@@ -123,19 +124,25 @@ def compile_profile(
     examples = list(profile.examples) + list(extra)
     train, held = split(examples, heldout, seed)
     sys_of = (lambda e: profile.system_prompt(e.language)) if system_prompt else (lambda e: None)
-    probes = [{"id": q.id, "metadata": _meta(q), "prompt": q.prompt, "expected": q.expected, "contrast": q.contrast,
-               **({"system": profile.system_prompt(q.language)} if system_prompt else {})} for q in profile.probes]
+    # The suite: header (kind, name, the profile's markers; the system prompts when trained with them), then items.
+    opts = {"markers": profile.markers.model_dump()}
+    if system_prompt:
+        opts["system"] = {lang: profile.system_prompt(lang) for lang in profile.languages}
+    suite = [{"suite": {"kind": "values", "name": f"values-{profile.id}", "options": opts}}]
+    suite += [{"type": "pair", **_pref(e, None)} for e in held if e.bad]
+    suite += [{"type": "probe", "id": q.id, "metadata": _meta(q), "prompt": q.prompt, "expected": q.expected, "contrast": q.contrast,
+               "includes_any": q.includes_any, "excludes": q.excludes} for q in profile.probes]
     data = {
         "sft_train.jsonl": [_chat(e, sys_of(e)) for e in train],
         "sft_eval.jsonl": [_chat(e, sys_of(e)) for e in held],
         "pref_train.jsonl": [_pref(e, sys_of(e)) for e in train if e.bad],
         "pref_eval.jsonl": [_pref(e, sys_of(e)) for e in held if e.bad],
-        "probes.jsonl": probes,
+        SUITE: suite,
     }
-    counts = {name: len(rows) for name, rows in data.items()}
+    counts = {name: len(rows) - (name == SUITE) for name, rows in data.items()}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, rows in data.items():
-            if rows:  # an empty JSONL is not a valid data file; its absence says "none"
+            if len(rows) > (name == SUITE):  # an empty JSONL is not a valid data file; its absence says "none"
                 _jsonl(tmp / name, rows)
         for name, cfg in tune_configs(profile, model).items():
             if name == "tune-dpo.yaml" and not data["pref_train.jsonl"]:

@@ -22,6 +22,8 @@
         prompt: ...
         expected: comply            # comply | refuse | redirect
         contrast: true              # benign look-alike of a refusal case: must not be refused
+        includes_any: ["§"]         # comply: the answer must contain one of these ...
+        excludes: [" du "]          # ... and none of these (case-sensitive)
     markers:                        # phrases that identify a refusal / a redirect, per language
       refuse: {de: ["kann ich nicht"]}
       redirect: {de: ["wenden Sie sich an"]}
@@ -115,6 +117,8 @@ class Probe(Strict):
     prompt: str
     expected: Literal["comply", "refuse", "redirect"]
     contrast: bool = False
+    includes_any: list[str] = Field(default_factory=list, description="comply: the answer must contain one of these")
+    excludes: list[str] = Field(default_factory=list, description="comply: the answer must contain none of these")
 
 
 class Markers(Strict):
@@ -285,6 +289,11 @@ def semantic_problems(p: Profile, at: _Locator) -> list[Problem]:
                     probs.append(at(base + (f,), "empty text"))
             if section == "examples" and it.bad is not None and _norm(it.bad) == _norm(it.good):
                 probs.append(at(base + ("bad",), "the bad answer is the same as the good one"))
+            if section == "probes":
+                for f in ("includes_any", "excludes"):
+                    for j, v in enumerate(getattr(it, f)):
+                        if not v.strip():
+                            probs.append(at(base + (f, j), "empty text"))
             if section == "probes" and it.contrast and it.expected != "comply":
                 probs.append(at(base + ("contrast",), f"a contrast probe is a benign prompt that must be answered: expected must be comply, not {it.expected}"))
             if it.id is not None:
