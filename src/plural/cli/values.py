@@ -89,6 +89,7 @@ def eval_cmd(
     heldout: float = typer.Option(0.25, "--heldout", min=0.0, max=0.9, help="Must match the compile that trained the adapters."),
     seed: int = typer.Option(0, "--seed", help="Must match the compile that trained the adapters."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, help="Answer length for the probes."),
+    suite: List[Path] = typer.Option([], "--suite", "-s", help="Also run this suite file (e.g. a perplexity text; repeatable)."),
     no_base: bool = typer.Option(False, "--no-base", help="Do not score the base model."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
 ) -> None:
@@ -103,7 +104,7 @@ def eval_cmd(
         raise PluralError(f"{out_dir} already exists. Fix: --output OTHER or --force to replace it")
     with out.status("scoring ...") as status:
         report = evaluate_profile(prof, profile, adapter, model=model, system=system, heldout=heldout, seed=seed,
-                                  max_new_tokens=max_new_tokens, base=not no_base,
+                                  max_new_tokens=max_new_tokens, base=not no_base, extra_suites=suite,
                                   on_step=lambda v, s, d, t: status.update(f"{v} · {s} ({d}/{t})" if v else "report"))
         write_report(report, out_dir, overwrite=force)
     out.print(rich_table(report))

@@ -25,11 +25,13 @@ def evaluate_profile(
     seed: int = 0,
     max_new_tokens: int = 96,
     base: bool = True,
+    extra_suites: list[Path] = (),
     bootstrap: int = 1000,
     on_step: Callable[[str, str, int, int], None] | None = None,
 ) -> dict:
     """The eval report (plural.evaluate.run format) with a `values-<id>` suite, and `values-<id>+system`
-    when `system` (every variant answering under the profile's rendered system prompt)."""
+    when `system` (every variant answering under the profile's rendered system prompt), plus
+    `extra_suites` (any suite files, e.g. a perplexity text to check the adapters do no harm)."""
     from plural.evaluate.run import AdapterSpec, EvalConfig, SuiteSpec, evaluate
 
     specs = []
@@ -45,10 +47,12 @@ def evaluate_profile(
         if system:
             prompts = {lang: profile.system_prompt(lang) for lang in profile.languages}
             suites.append(SuiteSpec(path=suite, name=f"{name}+system", options={**opts, "system": prompts}))
+        suites += [SuiteSpec(path=Path(p)) for p in extra_suites]
         cfg = EvalConfig(model=model, adapters=specs, base=base, suites=suites, bootstrap=bootstrap, seed=seed)
         report = evaluate(cfg, on_step)
     for s in report["suites"]:
-        s["path"] = f"compiled from {source} (heldout={heldout}, seed={seed})"
+        if s["name"].startswith(name):
+            s["path"] = f"compiled from {source} (heldout={heldout}, seed={seed})"
     report["profile"] = {"id": profile.id, "version": profile.version, "owner": profile.owner,
                          "languages": profile.languages, "source": str(source)}
     return report
