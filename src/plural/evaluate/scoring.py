@@ -35,7 +35,7 @@ class Scorer:
         self.tok = tok
         ctx = getattr(model.config, "max_position_embeddings", None) or max_length
         self.max_length = min(max_length, ctx)
-        self.batch_tokens = max(batch_tokens, self.max_length)
+        self.batch_tokens = batch_tokens  # a row longer than this is scored alone
         self.gen_batch_size = gen_batch_size
         self.on_progress = on_progress or (lambda n: None)
         self.device = next(model.parameters()).device
