@@ -1,7 +1,129 @@
-"""`plural federate` (filled in by its issue)."""
+"""`plural federate local|run` and `plural node start`: federated LoRA fine-tuning on Flower."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import List, Optional
 
 import typer
+from rich.console import Console
+
+from plural.errors import PluralError
+
+out = Console()
+federate_app = typer.Typer(help="Train one adapter together with other organisations (Flower); only adapter updates travel.", no_args_is_help=True)
+node_app = typer.Typer(help="Run this organisation's Flower node (flower-supernode) on its own data.", no_args_is_help=True)
+
+
+def _load(config: Path, overrides: list[str], resume: bool):
+    from plural.config import load_config
+    from plural.federate.config import FederateConfig
+
+    cfg = load_config(FederateConfig, config, overrides).resolve_paths(config.parent)
+    return cfg.model_copy(update={"resume": resume})
+
+
+def _summary(adapter: Path) -> None:
+    from rich.table import Table
+
+    from plural.store.adapters import read_manifest
+
+    man = read_manifest(adapter)
+    fed, m = man.get("federation", {}), man.get("metrics", {})
+    t = Table("adapter", "rounds", "organisations", "strategy", "held-out loss", "privacy")
+    priv = fed.get("privacy")
+    t.add_row(str(adapter), str(fed.get("rounds")), ", ".join(n["org"] for n in fed.get("nodes", [])), str(fed.get("strategy")),
+              f"{m['eval_loss']:.4f}" if m.get("eval_loss") is not None else "-",
+              f"ε={priv['epsilon']:.3f}, δ={priv['delta']:g}" if priv else "none")
+    out.print(t)
+
+
+@federate_app.command("local")
+def local(
+    config: Path = typer.Argument(..., help="Federation config (YAML)."),
+    orgs: int = typer.Option(..., "--orgs", min=1, help="Organisations (supernodes) to start, one per entry of `partitions:`."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: --set rounds=3 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its last round checkpoint."),
+    audit: bool = typer.Option(False, "--audit", help="Each node logs a summary of every message it receives and sends (run folder/flower/audit)."),
+) -> None:
+    """Run a whole federation on this machine: a superlink and N supernodes on 127.0.0.1."""
+    from plural.federate.launcher import local as run_local
+
+    cfg = _load(config, set_, resume)
+    adapter = run_local(cfg, orgs, lambda s: out.print(s, highlight=False, soft_wrap=True), audit=audit)
+    _summary(adapter)
+
+
+@federate_app.command("run")
+def run(
+    config: Path = typer.Argument(..., help="Federation config (YAML); `output:` is a path on the superlink's machine."),
+    superlink: str = typer.Option(..., "--superlink", help="The superlink's address HOST:PORT."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate (PEM) to verify the superlink's TLS certificate."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP without TLS (tests and trusted networks only)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last round checkpoint (after a server restart)."),
+    detach: bool = typer.Option(False, "--detach", help="Submit and return; follow later with `flwr log`."),
+) -> None:
+    """Submit a federation to a running superlink (like `flwr run`) and stream its progress."""
+    from plural.federate import launcher
+
+    if (root_certificates is None) == (not insecure):
+        raise PluralError("give --root-certificates CA.pem (TLS) or --insecure (no TLS), exactly one")
+    cfg = _load(config, set_, resume)
+    client = launcher.control_client(superlink, root_certificates, _flwr_home("cli"))
+    run_id = launcher.submit(client, cfg)
+    out.print(f"run {run_id} submitted to {superlink}")
+    if detach:
+        return
+    try:
+        status = launcher.follow(client, run_id, lambda s: out.print(s, highlight=False, soft_wrap=True))
+    except KeyboardInterrupt:
+        launcher.stop_run(client, run_id)
+        raise
+    if status != "finished:completed":
+        raise PluralError(f"run {run_id} ended as {status}; `flwr log {run_id}` on the superlink shows why")
+    out.print(f"run {run_id} finished; the adapter is at {cfg.output / 'adapter'} on the superlink's machine")
+
+
+def _flwr_home(sub: str) -> Path:
+    from plural.store.paths import plural_home
+
+    return Path(os.environ.get("FLWR_HOME") or plural_home() / "flwr" / sub)
+
+
+@node_app.command("start")
+def node_start(
+    superlink: str = typer.Option(..., "--superlink", help="The superlink's Fleet address HOST:PORT."),
+    data: Path = typer.Option(..., "--data", help="This organisation's data folder: train.jsonl (+ eval.jsonl). It never leaves this machine."),
+    name: Optional[str] = typer.Option(None, "--name", help="Organisation name shown in progress and the manifest (default: the folder's name)."),
+    port: int = typer.Option(9094, "--port", help="Local port of the node's ClientApp runtime API (127.0.0.1)."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate (PEM) to verify the superlink's TLS certificate."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP without TLS (tests and trusted networks only)."),
+    auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="This node's private key (OpenSSH ECDSA) for SuperNode authentication."),
+    audit: Optional[Path] = typer.Option(None, "--audit", help="JSONL file: a summary of every message this node receives and sends."),
+) -> None:
+    """Start a Flower supernode that trains on DATA when the federation asks (Ctrl-C stops it)."""
+    from plural.federate.launcher import BIN, FLWR_ENV, check_node_data, supernode_cmd
+
+    if (root_certificates is None) == (not insecure):
+        raise PluralError("give --root-certificates CA.pem (TLS) or --insecure (no TLS), exactly one")
+    check_node_data(data)
+    cmd = supernode_cmd(superlink, data, name or data.resolve().name, port, root_certificates, auth_key, audit)
+    out.print(f"[dim]{' '.join(cmd)}[/]")
+    env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(_flwr_home("node")), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    p = subprocess.Popen(cmd, env=env)
+    try:
+        rc = p.wait()
+    except KeyboardInterrupt:
+        p.terminate()
+        p.wait()
+        raise
+    if rc != 0:
+        raise PluralError(f"flower-supernode exited with code {rc}")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(federate_app, name="federate")
+    app.add_typer(node_app, name="node")
