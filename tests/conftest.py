@@ -44,14 +44,19 @@ def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("plural_home")
+    # PLURAL_TEST_STORE=DIR reuses (and fills once) a store across sessions while developing;
+    # CI leaves it unset and imports into a fresh temporary store.
+    reuse = os.environ.get("PLURAL_TEST_STORE")
+    home = Path(reuse) if reuse else tmp_path_factory.mktemp("plural_home")
     old = os.environ.get("PLURAL_HOME")
     os.environ["PLURAL_HOME"] = str(home)
-    from plural.store.models import get_model, import_model
+    from plural.store.models import get_model, import_model, models_dir
 
-    smol = import_model(None)
-    tiny_src = build_tiny_llama(tmp_path_factory.mktemp("tiny_src"), smol.path)
-    import_model(tiny_src, name=TINY)
+    if not (models_dir() / SMOL).is_dir():
+        import_model(None)
+    if not (models_dir() / TINY).is_dir():
+        tiny_src = build_tiny_llama(tmp_path_factory.mktemp("tiny_src"), get_model(SMOL).path)
+        import_model(tiny_src, name=TINY)
     assert get_model(TINY).manifest["parameters"] < 5_000_000
     yield home
     if old is None:
