@@ -51,10 +51,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", type=Path, default=ROOT / "examples/values/de-public-sector.yaml")
     ap.add_argument("--work", type=Path, default=ROOT / "runs/values-bench")
-    ap.add_argument("--text", type=Path, default=ROOT / "examples/values/multilingual.jsonl")
+    ap.add_argument("--text", type=Path, default=ROOT / "examples/eval/multilingual.jsonl")
     ap.add_argument("--reuse", action="store_true", help="keep trained adapters found in --work (re-evaluate only)")
     ap.add_argument("--sft-epochs", type=float, default=2.0)
     ap.add_argument("--dpo-epochs", type=float, default=1.0)
+    ap.add_argument("--dpo-max-steps", type=int, default=None, help="stop DPO after this many steps (CPU time budget)")
     ap.add_argument("--system", action="store_true", help="also score every variant under the profile's system prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
@@ -76,7 +77,8 @@ def main() -> None:
             seconds["sft"] = sh([plural, "tune", str(data / "tune-sft.yaml"), "--set", f"output={sft}", "--set", f"train.epochs={args.sft_epochs}"])
         shutil.rmtree(dpo, ignore_errors=True)
         seconds["dpo"] = sh([plural, "tune", str(data / "tune-dpo.yaml"), "--set", f"output={dpo}",
-                             "--set", f"init_adapter={sft / 'adapter'}", "--set", f"train.epochs={args.dpo_epochs}"])
+                             "--set", f"init_adapter={sft / 'adapter'}", "--set", f"train.epochs={args.dpo_epochs}",
+                             *(["--set", f"train.max_steps={args.dpo_max_steps}"] if args.dpo_max_steps else [])])
 
     prof = load_profile(args.profile)
     print(f"$ {plural} values eval {args.profile} -a sft={sft / 'adapter'} -a dpo={dpo / 'adapter'}"
@@ -117,13 +119,14 @@ def main() -> None:
         (f"bits per byte rise ≤ 5% (is {100 * (dpo_b['value'] / base_b['value'] - 1):+.2f}%)", dpo_b["value"] / base_b["value"] - 1 <= 0.05),
     ]
     counts = json.loads((data / "compile.json").read_text())["counts"]
+    dpo_budget = f"{args.dpo_max_steps} steps of 4 pairs" if args.dpo_max_steps else f"{args.dpo_epochs:g} epoch(s)"
     body = [
         f"Profile `{prof.id}` ({args.profile.relative_to(ROOT) if args.profile.is_relative_to(ROOT) else args.profile}), "
         f"SmolLM2-135M-Instruct, CPU. Command: `{command()}`",
         "",
         f"Pipeline: `plural values compile` → `plural tune` (sft, compiled tune-sft.yaml, {args.sft_epochs:g} epochs) → `plural tune` "
-        f"(dpo from the SFT adapter, tune-dpo.yaml, {args.dpo_epochs:g} epoch(s)) → `plural values eval` (greedy answers of at most "
-        f"{args.max_new_tokens} tokens) with `--suite examples/values/multilingual.jsonl`. One training run per method; "
+        f"(dpo from the SFT adapter, tune-dpo.yaml, {dpo_budget}) → `plural values eval` (greedy answers of at most "
+        f"{args.max_new_tokens} tokens) with `--suite examples/eval/multilingual.jsonl`. One training run per method; "
         "intervals are the eval runner's bootstrap over items (held-out pairs, probes, text documents).",
         "",
         *lines,

@@ -119,6 +119,8 @@ def test_config_validation(tmp_path):
         validate(TuneConfig, {**base, "method": "text", "preference": {"beta": 0.5}}, "t.yaml")
     with pytest.raises(PluralError, match="preference.beta"):
         validate(TuneConfig, {**base, "method": "dpo", "preference": {"beta": 0}}, "t.yaml")
+    with pytest.raises(PluralError, match="lora: the adapter's rank"):
+        validate(TuneConfig, {**base, "method": "dpo", "init_adapter": "a", "lora": {"r": 4}}, "t.yaml")
     with pytest.raises(PluralError, match="preference.gamma: unknown key"):
         validate(TuneConfig, {**base, "method": "dpo", "preference": {"gamma": 1}}, "t.yaml")
     cfg = validate(TuneConfig, {**base, "method": "orpo", "init_adapter": "runs/sft/adapter"}, "t.yaml").resolve_paths(tmp_path)
@@ -146,7 +148,10 @@ def test_recipe_lowers_its_loss_and_writes_the_run_folder(method, tiny_model, pr
 
     adapter = _run(method, tiny_model, pref_file, tmp_path / "run", steps=12, lr=5e-3)
     log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 12 and log[-1]["loss"] < log[0]["loss"] * 0.8, [r["loss"] for r in log]
+    losses = [r["loss"] for r in log]
+    assert len(log) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
+    if method == "dpo":  # starts at log 2 (fresh adapter = reference) and separates the pairs
+        assert losses[0] == pytest.approx(math.log(2.0), abs=1e-4) and losses[-1] < 0.5 * losses[0], losses
     for f in ("config.yaml", "loss.png", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
         assert (tmp_path / "run" / f).is_file(), f
     man = read_manifest(adapter)
@@ -159,13 +164,14 @@ def test_recipe_lowers_its_loss_and_writes_the_run_folder(method, tiny_model, pr
 def test_dpo_starts_from_init_adapter(tiny_model, pref_file, tmp_path):
     from plural.store.adapters import load_adapter_weights, read_manifest
 
-    first = _run("orpo", tiny_model, pref_file, tmp_path / "sft", steps=3, lr=5e-3)
+    first = _run("orpo", tiny_model, pref_file, tmp_path / "sft", steps=2, lr=5e-3)
     second = _run("dpo", tiny_model, pref_file, tmp_path / "dpo", steps=1, lr=1e-12)
     # lr ~ 0: the DPO adapter is still the init adapter when it starts from one ...
     cont = _run("dpo", tiny_model, pref_file, tmp_path / "dpo2", steps=1, lr=1e-12, init=first)
     a, c = load_adapter_weights(first), load_adapter_weights(cont)
     assert a.keys() == c.keys() and all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
-    # ... and a fresh one otherwise (B = 0)
+    # ... and a fresh one otherwise (B = 0, moved by ~lr in one Adam step)
     s = load_adapter_weights(second)
-    assert all(torch.count_nonzero(v) == 0 for k, v in s.items() if "lora_B" in k)
+    assert all(v.abs().max() < 1e-9 for k, v in s.items() if "lora_B" in k)
+    assert any(not torch.allclose(a[k], s[k]) for k in a if "lora_B" in k)
     assert read_manifest(cont)["init_adapter"]["method"] == "orpo"

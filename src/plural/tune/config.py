@@ -91,6 +91,8 @@ class TuneConfig(Strict):
                 raise ValueError(f"init_adapter: only used by method dpo or orpo, not {self.method}")
             if self.preference != PreferenceConfig():
                 raise ValueError(f"preference: only used by method dpo or orpo, not {self.method}")
+        elif self.init_adapter is not None and self.lora != LoraConfig():
+            raise ValueError("lora: the adapter's rank and modules come from init_adapter; remove the lora: section")
         return self
 
     def resolve_paths(self, base: Path) -> "TuneConfig":

@@ -33,7 +33,6 @@ import yaml
 from plural.store.paths import atomic_dir, write_json_atomic
 from plural.values.profile import Example, Profile, _norm
 
-FILES = ("sft_train.jsonl", "sft_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl", "values_suite.jsonl")
 SUITE = "values_suite.jsonl"
 
 
