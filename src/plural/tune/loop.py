@@ -243,8 +243,9 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     train_loss: float | None = None
     eval_loss: float | None = None
-    tokens_trained: int = 0
+    tokens_trained: int = 0  # tokens that carried loss
     seconds: float = 0.0
+    input_tokens: int = 0  # non-padding tokens processed
 
     @property
     def tokens_per_second(self) -> float:
@@ -315,8 +316,8 @@ def fit(
     try:
         for step in range(start, n_steps):
             micro = step_batches(train_rows, cfg, step, dist)
-            n_local = sum(n_targets(m) for m in micro)
-            n_global = dist.all_sum(n_local)
+            n_global = dist.all_sum(sum(n_targets(m) for m in micro))
+            n_input = int(dist.all_sum(sum(len(r) for m in micro for r in m)))  # non-padding tokens
             loss_sum = 0.0
             for i, rows in enumerate(micro):
                 b = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
@@ -332,7 +333,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss = dist.all_sum(loss_sum) / max(n_global, 1)
             tokens += int(n_global)
-            rec = {"step": step + 1, "loss": round(loss, 6), "lr": sched.get_last_lr()[0], "tokens": int(n_global)}
+            rec = {"step": step + 1, "loss": round(loss, 6), "lr": sched.get_last_lr()[0], "tokens": int(n_global), "input_tokens": n_input}
             if gnorm is not None:
                 rec["grad_norm"] = round(float(gnorm), 4)
             if eval_rows and t.eval_every and (step + 1) % t.eval_every == 0:
@@ -350,7 +351,8 @@ def fit(
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
-    res = FitResult(n_steps, history, history[-1]["loss"] if history else None, None, tokens, seconds)
+    res = FitResult(n_steps, history, history[-1]["loss"] if history else None, None, tokens, seconds,
+                    sum(h.get("input_tokens", 0) for h in history[start:]))
     if eval_rows:
         res.eval_loss = evaluate(loss_mod, eval_rows, pad_id, device, amp)
     return res
