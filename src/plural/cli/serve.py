@@ -1,7 +1,65 @@
-"""`plural serve` (filled in by its issue)."""
+"""`plural serve`: the OpenAI-compatible server for a base model and its LoRA adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
 
 import typer
+from rich.console import Console
+
+from plural.errors import PluralError
+
+err = Console(stderr=True)
+
+
+def _pairs(items: list[str], flag: str, what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise PluralError(f"{flag} {item!r}: expected NAME={what}")
+        out[name] = value
+    return out
+
+
+def profile_prompts(profiles: dict[str, str]) -> dict[str, str]:
+    """MODEL_ID -> the value profile's rendered system prompt."""
+    if not profiles:
+        return {}
+    from plural.values.profile import load_profile  # only when asked: serve does not need values otherwise
+
+    return {model_id: load_profile(Path(path)).system_prompt() for model_id, path in profiles.items()}
+
+
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", help="Stored base model (default: the bundled SmolLM2)."),
+    adapter: List[str] = typer.Option([], "--adapter", help="Serve an adapter as model id NAME: NAME=PATH or NAME=STORE_NAME (repeatable)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1; other addresses need api_keys in --config)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000; 0 picks a free one)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Server settings (YAML): keys, tenants, admin key, limits."),
+    profile: List[str] = typer.Option([], "--profile", help="MODEL_ID=PROFILE.yaml: use the value profile's system prompt for that model id when a request has none (repeatable)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Prompt + completion tokens per request."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Sequences decoded together."),
+) -> None:
+    """Serve the base model and LoRA adapters behind an OpenAI-compatible API (many adapters, one batch)."""
+    import uvicorn
+
+    from plural.serve.app import create_app
+    from plural.serve.settings import load_settings
+
+    settings = load_settings(
+        config, model=model, adapters=_pairs(adapter, "--adapter", "PATH"), host=host, port=port, dtype=dtype,
+        max_model_len=max_model_len, max_batch=max_batch,
+        system_prompts=profile_prompts(_pairs(profile, "--profile", "PROFILE.yaml")),
+    )
+    settings.check_binding()
+    app = create_app(settings)
+    err.print(f"[green]serving[/] {app.state.base_id} + {len(app.state.engine.adapters)} adapter(s) "
+              f"on http://{settings.host}:{settings.port}/v1", highlight=False)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("serve")(serve)

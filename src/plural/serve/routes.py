@@ -1,0 +1,157 @@
+"""HTTP routes: the OpenAI API (/v1), health and metrics, and the admin API for adapters."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from plural.errors import PluralError
+from plural.serve import protocol as P
+from plural.serve.serving import APIError, not_found
+from plural.serve.tenants import Tenant, bearer
+
+ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503)}
+router = APIRouter(responses=ERRORS)
+
+
+def tenant(request: Request) -> Tenant:
+    keys = request.app.state.keys
+    token = bearer(request.headers.get("authorization"))
+    t = keys.tenant(token)
+    if t is None:
+        raise APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer KEY'.",
+                       code="invalid_api_key")
+    return t
+
+
+def admin(request: Request) -> None:
+    keys = request.app.state.keys
+    if not keys.admin_key:
+        raise APIError(403, "The admin API is disabled: set admin_key in the server's --config file.",
+                       type="permission_error", code="admin_disabled")
+    token = bearer(request.headers.get("authorization"))
+    if token is None:
+        raise APIError(401, "The admin API needs 'Authorization: Bearer ADMIN_KEY'.", code="invalid_api_key")
+    if not keys.is_admin(token):
+        raise APIError(403, "This key may not use the admin API.", type="permission_error", code="not_admin")
+
+
+def model_ids(state) -> list[str]:
+    return [state.base_id, *state.engine.adapters]
+
+
+def check_model(state, t: Tenant, model: str, request: Request) -> None:
+    request.state.model = model if model in model_ids(state) and t.allows(model) else ""
+    if model not in model_ids(state) or not t.allows(model):
+        raise not_found(model)
+
+
+async def watch_disconnect(request: Request, job) -> None:
+    """Cancel a non-streamed request's generation when its client goes away."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            for s in job.seqs:
+                s.cancel()
+            return
+
+
+async def respond(request: Request, job, make, stream_fn, req) -> Response:
+    state = request.app.state
+    if req.stream:
+        # Starlette cancels the generator when the client disconnects; `events` then cancels the sequences.
+        return StreamingResponse(stream_fn(req, job), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    watcher = asyncio.create_task(watch_disconnect(request, job))
+    try:
+        result = await make(req, job)
+    finally:
+        watcher.cancel()
+    state.metrics.requests.labels(req.model, "200").inc()
+    return JSONResponse(result.model_dump())
+
+
+@router.post("/v1/chat/completions", response_model=P.ChatCompletion)
+async def chat_completions(req: P.ChatCompletionRequest, request: Request, t: Tenant = Depends(tenant)):
+    state = request.app.state
+    check_model(state, t, req.model, request)
+    serving = state.serving
+    if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them", param="max_tokens")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    job = serving.submit(req.model, [serving.chat_prompt(req)], req, max_tokens, logprobs)
+    return await respond(request, job, serving.chat, serving.stream_chat, req)
+
+
+@router.post("/v1/completions", response_model=P.Completion)
+async def completions(req: P.CompletionRequest, request: Request, t: Tenant = Depends(tenant)):
+    state = request.app.state
+    check_model(state, t, req.model, request)
+    serving = state.serving
+    job = serving.submit(req.model, serving.completion_prompts(req), req, req.max_tokens, req.logprobs)
+    return await respond(request, job, serving.completion, serving.stream_completion, req)
+
+
+@router.get("/v1/models", response_model=P.ModelList)
+async def list_models(request: Request, t: Tenant = Depends(tenant)):
+    state = request.app.state
+    cards = [P.ModelCard(id=state.base_id, created=state.created, owned_by="plural", root=str(state.base_path))]
+    for name, a in state.engine.adapters.items():
+        cards.append(P.ModelCard(id=name, created=state.created, owned_by="plural", parent=state.base_id, root=str(a.path)))
+    return P.ModelList(data=[c for c in cards if t.allows(c.id)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=P.ModelCard)
+async def get_model(model_id: str, request: Request, t: Tenant = Depends(tenant)):
+    listing = await list_models(request, t)
+    for c in listing.data:
+        if c.id == model_id:
+            return c
+    raise not_found(model_id)
+
+
+@router.get("/health")
+async def health(request: Request):
+    eng = request.app.state.engine
+    if request.app.state.stopping:
+        return JSONResponse({"status": "stopping"}, status_code=503)
+    return {"status": "ok", "running": eng.running(), "waiting": eng.queue_depth()}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    state = request.app.state
+    if state.keys.required:
+        admin(request)  # per-adapter labels would tell tenants about each other's models
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/admin/adapters", response_model=list[P.AdapterInfo], dependencies=[Depends(admin)])
+async def admin_list(request: Request):
+    return [P.AdapterInfo(name=a.name, path=str(a.path), rank=a.rank, resident=a.slot is not None and a.loading is None,
+                          running=a.users) for a in request.app.state.engine.adapters.values()]
+
+
+@router.post("/admin/adapters", response_model=P.AdapterInfo, dependencies=[Depends(admin)])
+async def admin_load(body: P.LoadAdapterRequest, request: Request):
+    state = request.app.state
+    if body.name == state.base_id:
+        raise APIError(400, f"name: {body.name!r} is the base model's id", param="name")
+    try:
+        a = await asyncio.to_thread(state.register_adapter, body.name, body.path, True)
+    except PluralError as e:
+        raise APIError(400, str(e), param="path") from e
+    await asyncio.to_thread(state.engine.call, lambda: state.engine.add_adapter(a))
+    return P.AdapterInfo(name=a.name, path=str(a.path), rank=a.rank, resident=False, running=0)
+
+
+@router.delete("/admin/adapters/{name:path}", dependencies=[Depends(admin)])
+async def admin_unload(name: str, request: Request):
+    state = request.app.state
+    if name not in state.engine.adapters:
+        raise APIError(404, f"no adapter {name!r} is loaded", param="name", code="model_not_found")
+    await asyncio.to_thread(state.engine.call, lambda: state.engine.remove_adapter(name))
+    return {"id": name, "object": "model", "deleted": True}

@@ -1,0 +1,272 @@
+"""Serving logic between the routes and the engine: requests -> sequences, events -> OpenAI objects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from plural.serve import protocol as P
+from plural.serve.engine import EngineStopped, Event, QueueFull, SamplingParams, Sequence
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def not_found(model: str) -> APIError:
+    # Same answer for an absent model and one the caller's tenant may not use (no existence oracle).
+    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    param="model", code="model_not_found")
+
+
+@dataclass
+class Job:
+    """One HTTP request's sequences (n choices x prompts) and the queue their events arrive on."""
+
+    seqs: list[Sequence]
+    queue: asyncio.Queue
+    start: float
+    model: str
+
+
+class Serving:
+    def __init__(self, state):
+        self.state = state  # app.state: settings, engine, tokenizer, base_id, metrics, system_prompts
+
+    # ---- requests -> sequences ------------------------------------------------------------------
+
+    def _params(self, req: P.SamplingFields, prompt_len: int, max_tokens: int | None, logprobs: int | None,
+                choice: int) -> SamplingParams:
+        limit = self.state.engine.max_len
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt is "
+                                f"{prompt_len} tokens. Please shorten it.", param="messages", code="context_length_exceeded")
+        if max_tokens is not None and prompt_len + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                                f"completion). Please reduce the prompt or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        seed = None if req.seed is None else req.seed + choice  # n choices from one seed, each different
+        return SamplingParams(max_tokens=max_tokens or (limit - prompt_len), temperature=temperature,
+                              top_p=1.0 if req.top_p is None else req.top_p, seed=seed, stop=req.stop_list(),
+                              logprobs=logprobs)
+
+    def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
+        from plural.data.chat import render
+
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        system = self.state.system_prompts.get(req.model)
+        if system and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": system}] + msgs
+        try:
+            text = render(self.state.tokenizer, msgs, add_generation_prompt=True)
+        except Exception as e:  # the template rejects the conversation (e.g. roles out of order)
+            raise APIError(400, f"messages: the model's chat template cannot render them: {e}", param="messages") from e
+        return self.state.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def completion_prompts(self, req: P.CompletionRequest) -> list[list[int]]:
+        tok = self.state.tokenizer
+        if isinstance(req.prompt, str):
+            prompts = [req.prompt]
+        elif all(isinstance(x, int) for x in req.prompt):
+            vocab = len(tok)
+            if any(not 0 <= x < vocab for x in req.prompt):
+                raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+            return [list(req.prompt)]
+        else:
+            prompts = list(req.prompt)
+        out = []
+        for p in prompts:
+            ids = tok(p, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise APIError(400, "prompt: empty prompt", param="prompt")
+            out.append(ids)
+        return out
+
+    def submit(self, model: str, prompts: list[list[int]], req: P.SamplingFields, max_tokens: int | None,
+               logprobs: int | None) -> Job:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        adapter = self.state.engine.adapters.get(model) if model != self.state.base_id else None
+        seqs = []
+        for p_ids in prompts:
+            for c in range(req.n):
+                idx = len(seqs)
+                params = self._params(req, len(p_ids), max_tokens, logprobs, c)
+
+                def emit(ev: Event, idx=idx) -> None:
+                    loop.call_soon_threadsafe(queue.put_nowait, (idx, ev))
+
+                seqs.append(Sequence(model, adapter, p_ids, params, emit))
+        try:
+            self.state.engine.submit(seqs)
+        except QueueFull as e:
+            raise APIError(429, f"The server is busy: {e}. Retry later.", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from e
+        except EngineStopped as e:
+            raise APIError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "5"}) from e
+        self.state.metrics.prompt_tokens.labels(model).inc(sum(len(p) for p in prompts))
+        return Job(seqs, queue, time.monotonic(), model)
+
+    # ---- events -> results ----------------------------------------------------------------------
+
+    async def events(self, job: Job) -> AsyncIterator[tuple[int, Event]]:
+        """Yield (sequence index, event) until every sequence finished; cancels them on timeout or exit."""
+        deadline = job.start + self.state.settings.request_timeout
+        left = len(job.seqs)
+        first = True
+        try:
+            while left:
+                try:
+                    idx, ev = await asyncio.wait_for(job.queue.get(), timeout=max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise APIError(503, f"request timed out after {self.state.settings.request_timeout:g} s "
+                                        "(request_timeout)", type="server_error", code="timeout",
+                                   headers={"Retry-After": "1"}) from None
+                if first and ev.token_ids:
+                    self.state.metrics.ttft.labels(job.model).observe(time.monotonic() - job.start)
+                    first = False
+                if ev.finish_reason:
+                    left -= 1
+                    self.state.metrics.generation_tokens.labels(job.model).inc(ev.completion_tokens)
+                    if ev.error:
+                        code = 503 if ev.finish_reason == "cancelled" else 500
+                        raise APIError(code, ev.error, type="server_error", code=ev.finish_reason)
+                yield idx, ev
+        finally:
+            for s in job.seqs:
+                s.cancel()
+            self.state.metrics.latency.labels(job.model).observe(time.monotonic() - job.start)
+
+    def token_str(self, tid: int) -> str:
+        return self.state.tokenizer.decode([tid])
+
+    def chat_logprobs(self, lps) -> P.ChoiceLogprobs:
+        def one(tid, lp):
+            s = self.token_str(tid)
+            return P.TopLogprob(token=s, logprob=lp, bytes=list(s.encode()))
+
+        return P.ChoiceLogprobs(content=[
+            P.TokenLogprobOut(**one(lp.token_id, lp.logprob).model_dump(), top_logprobs=[one(t, v) for t, v in lp.top])
+            for lp in lps if lp is not None])
+
+    def completion_logprobs(self, lps, offset: int) -> P.CompletionLogprobs:
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in lps:
+            s = self.token_str(lp.token_id)
+            tokens.append(s)
+            values.append(lp.logprob)
+            tops.append({self.token_str(t): v for t, v in lp.top})
+            offsets.append(offset)
+            offset += len(s)
+        return P.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+    async def chat(self, req: P.ChatCompletionRequest, job: Job) -> P.ChatCompletion:
+        texts = [""] * len(job.seqs)
+        lps: list[list] = [[] for _ in job.seqs]
+        finish = ["stop"] * len(job.seqs)
+        done_tokens = [0] * len(job.seqs)
+        async for i, ev in self.events(job):
+            texts[i] += ev.text
+            lps[i].extend(ev.logprobs)
+            if ev.finish_reason:
+                finish[i], done_tokens[i] = ev.finish_reason, ev.completion_tokens
+        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=texts[i]), finish_reason=finish[i],
+                                logprobs=self.chat_logprobs(lps[i]) if req.logprobs else None)
+                   for i in range(len(job.seqs))]
+        return P.ChatCompletion(model=req.model, choices=choices, usage=self._usage(job, done_tokens))
+
+    async def completion(self, req: P.CompletionRequest, job: Job) -> P.Completion:
+        texts = [""] * len(job.seqs)
+        lps: list[list] = [[] for _ in job.seqs]
+        finish = ["stop"] * len(job.seqs)
+        done_tokens = [0] * len(job.seqs)
+        async for i, ev in self.events(job):
+            texts[i] += ev.text
+            lps[i].extend(ev.logprobs)
+            if ev.finish_reason:
+                finish[i], done_tokens[i] = ev.finish_reason, ev.completion_tokens
+        choices = [P.CompletionChoice(index=i, text=texts[i], finish_reason=finish[i],
+                                      logprobs=self.completion_logprobs(lps[i], 0) if req.logprobs is not None else None)
+                   for i in range(len(job.seqs))]
+        return P.Completion(model=req.model, choices=choices, usage=self._usage(job, done_tokens))
+
+    @staticmethod
+    def _usage(job: Job, completion_tokens: list[int]) -> P.Usage:
+        # Each distinct prompt counts once, however many choices (n) it has.
+        prompt = sum(len(p) for p in {id(s.prompt_ids): s.prompt_ids for s in job.seqs}.values())
+        comp = sum(completion_tokens)
+        return P.Usage(prompt_tokens=prompt, completion_tokens=comp, total_tokens=prompt + comp)
+
+    async def stream_chat(self, req: P.ChatCompletionRequest, job: Job) -> AsyncIterator[str]:
+        base = dict(id=P._id("chatcmpl"), created=int(time.time()), model=req.model)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        done_tokens = [0] * len(job.seqs)
+        started = [False] * len(job.seqs)
+
+        def chunk(choices, usage=None) -> str:
+            return _sse(P.ChatCompletionChunk(**base, choices=choices, usage=usage).model_dump())
+
+        async for i, ev in _with_errors(self.events(job)):
+            if isinstance(ev, APIError):
+                yield _sse(ev.body())
+                return
+            if not started[i]:  # OpenAI opens each choice with the role
+                started[i] = True
+                yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(role="assistant", content=""))])
+            lp = self.chat_logprobs(ev.logprobs) if req.logprobs and ev.logprobs else None
+            if ev.text or lp:
+                yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(content=ev.text), logprobs=lp)])
+            if ev.finish_reason:
+                done_tokens[i] = ev.completion_tokens
+                yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(), finish_reason=ev.finish_reason)])
+        if include_usage:
+            yield chunk([], usage=self._usage(job, done_tokens))
+        yield "data: [DONE]\n\n"
+
+    async def stream_completion(self, req: P.CompletionRequest, job: Job) -> AsyncIterator[str]:
+        base = dict(id=P._id("cmpl"), created=int(time.time()), model=req.model)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        done_tokens = [0] * len(job.seqs)
+        offsets = [0] * len(job.seqs)
+        async for i, ev in _with_errors(self.events(job)):
+            if isinstance(ev, APIError):
+                yield _sse(ev.body())
+                return
+            lp = self.completion_logprobs(ev.logprobs, offsets[i]) if req.logprobs is not None and ev.logprobs else None
+            offsets[i] += len(ev.text)
+            if ev.finish_reason:
+                done_tokens[i] = ev.completion_tokens
+            if ev.text or lp or ev.finish_reason:
+                obj = P.Completion(**base, choices=[P.CompletionChoice(index=i, text=ev.text, logprobs=lp,
+                                                                       finish_reason=ev.finish_reason)])
+                yield _sse(obj.model_dump())
+        if include_usage:
+            yield _sse(P.Completion(**base, choices=[], usage=self._usage(job, done_tokens)).model_dump())
+        yield "data: [DONE]\n\n"
+
+
+async def _with_errors(events):
+    """Pass events through; an APIError mid-stream becomes the last item (sent as an SSE error event)."""
+    try:
+        async for item in events:
+            yield item
+    except APIError as e:
+        yield -1, e
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,97 @@
+"""Server settings: one validated model, from a YAML file (`--config`) and CLI flags.
+
+Example `serve.yaml`::
+
+    model: smollm2-135m-instruct
+    adapters: {legal: /srv/adapters/legal}     # model id -> adapter folder (or store name)
+    adapter_dirs: [/srv/adapters]              # admin API may load adapters only from here (+ the store)
+    admin_key: adm-...                         # enables /admin/*
+    api_keys:
+      - {key: sk-acme-..., tenant: acme, models: [smollm2-135m-instruct, legal]}
+      - {key: sk-ops-..., tenant: ops, models: ["*"]}
+    system_prompts: {legal: "You answer as the legal team's assistant."}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from plural.config import Strict, load_config, validate
+from plural.errors import PluralError
+
+
+class ApiKey(Strict):
+    key: str = Field(min_length=8)
+    tenant: str
+    # Model ids this key may see and use; "*" = all. Others answer 404 as if absent.
+    models: list[str] = ["*"]
+
+
+class ServeSettings(Strict):
+    model: str | None = None  # stored base model (default: the bundled SmolLM2)
+    adapters: dict[str, str] = {}  # model id -> adapter path or store name, registered at start
+    adapter_dirs: list[str] = []  # folders the admin API may load adapters from (besides the store)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[ApiKey] = []
+    admin_key: str | None = Field(None, min_length=8)
+    system_prompts: dict[str, str] = {}  # model id -> system prompt used when a request has none
+
+    dtype: str = "auto"  # auto (bf16 where the CPU/GPU has fast bf16, else fp32), float32, bfloat16
+    max_model_len: int | None = Field(None, ge=16)  # prompt + completion tokens; default min(context, 2048)
+    max_batch: int = Field(16, ge=1, le=256)  # sequences decoded together (rows of the KV cache)
+    max_queue: int = Field(256, ge=0)  # waiting sequences beyond the batch before 429
+    max_loras: int = Field(16, ge=1, le=256)  # adapters resident at once (LoRA slots)
+    max_lora_rank: int = Field(64, ge=1, le=1024)
+    adapter_cache_mb: float = Field(1024.0, gt=0)  # bytes bound of the resident-adapter LRU
+    request_timeout: float = Field(600.0, gt=0)  # seconds per request, queueing included
+    max_body_bytes: int = Field(4_000_000, ge=1024)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads for the engine
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("must be auto, float32, bfloat16 or float16")
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_keys(cls, v: list[ApiKey]) -> list[ApiKey]:
+        seen = set()
+        for k in v:
+            if k.key in seen:
+                raise ValueError(f"key of tenant {k.tenant!r} is listed twice")
+            seen.add(k.key)
+        return v
+
+    def check_binding(self) -> None:
+        """With no API keys the server is open to anyone who can reach it: allow loopback only."""
+        if self.api_keys:
+            return
+        host = "127.0.0.1" if self.host == "localhost" else self.host
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise PluralError(
+                f"--host {self.host}: without API keys the server binds 127.0.0.1 only. "
+                "Fix: add api_keys to the --config file, or drop --host"
+            )
+
+
+def load_settings(path: str | Path | None = None, **overrides) -> ServeSettings:
+    """Settings from a YAML file (optional), then CLI values that are not None on top."""
+    base = load_config(ServeSettings, path).model_dump() if path else {}
+    for k, v in overrides.items():
+        if v is None or v == {} or v == []:
+            continue
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return validate(ServeSettings, base, str(path) if path else "serve settings")

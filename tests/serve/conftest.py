@@ -1,0 +1,39 @@
+"""Fixtures for the server tests: LoRA adapters on the tiny model with random (non-zero) B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Three different shapes of adapter, so the batched kernel meets mixed ranks, targets and scalings.
+ADAPTER_SPECS = {
+    "qv4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "rs2": dict(r=2, lora_alpha=4, use_rslora=True, target_modules=["o_proj", "down_proj", "up_proj"]),
+}
+
+
+def make_adapter(base_name: str, out: Path, seed: int, **lora_kw) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from plural.store.adapters import build_manifest, save_adapter
+    from plural.store.models import load_model
+
+    model, _, stored = load_model(base_name)
+    torch.manual_seed(seed)
+    # init_lora_weights=False: B is random too, so the adapter changes the output from the start.
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_kw))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.mul_(4.0)  # strong enough that greedy tokens differ from the base
+    save_adapter(peft_model, out, build_manifest(stored, "test", lora_kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(store, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter("tiny", root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(ADAPTER_SPECS.items())}
