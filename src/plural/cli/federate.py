@@ -87,6 +87,73 @@ def run(
     out.print(f"run {run_id} finished; the adapter is at {cfg.output / 'adapter'} on the superlink's machine")
 
 
+@federate_app.command("superlink")
+def superlink(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for other machines)."),
+    port: int = typer.Option(9092, "--port", help="Port of the Fleet, Control and runtime APIs."),
+    tls: Optional[Path] = typer.Option(None, "--tls", help="Folder with ca.pem, server.pem, server.key (see `plural federate certs`)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP without TLS (tests and trusted networks only)."),
+    node_auth: bool = typer.Option(False, "--node-auth", help="Admit only nodes whose public key was registered (`plural federate allow-node`)."),
+) -> None:
+    """Run the federation's server side (flower-superlink) in the foreground."""
+    from plural.federate.launcher import TLS, superlink_cmd
+
+    if (tls is None) == (not insecure):
+        raise PluralError("give --tls DIR or --insecure (no TLS), exactly one")
+    t = None
+    if tls is not None:
+        t = TLS(tls / "ca.pem", tls / "server.pem", tls / "server.key")
+        for f in (t.ca, t.cert, t.key):
+            if not f.is_file():
+                raise PluralError(f"{f}: missing (create the files with `plural federate certs {tls} --host HOST`)")
+    _foreground(superlink_cmd(host, port, t, node_auth), "superlink")
+
+
+@federate_app.command("certs")
+def certs(
+    out_dir: Path = typer.Argument(..., help="Folder to write ca.pem, server.pem, server.key into."),
+    host: List[str] = typer.Option(..., "--host", help="Host name or IP address the nodes use to reach the superlink (repeatable)."),
+) -> None:
+    """Create a private CA and the superlink's TLS certificate (give ca.pem to every node)."""
+    from plural.federate.security import make_tls
+
+    t = make_tls(out_dir, host)
+    out.print(f"superlink: --tls {out_dir}   nodes and `federate run`: --root-certificates {t.ca}")
+
+
+@federate_app.command("allow-node")
+def allow_node(
+    public_key: Path = typer.Argument(..., help="The node's public key (NAME.pub from `plural node keygen`)."),
+    superlink: str = typer.Option(..., "--superlink", help="The superlink's address HOST:PORT."),
+    root_certificates: Path = typer.Option(..., "--root-certificates", help="CA certificate (PEM) of the superlink."),
+    name: str = typer.Option("", "--name", help="A name for the node in `flwr supernode ls`."),
+) -> None:
+    """Register a node's public key on a superlink started with --node-auth."""
+    from plural.federate.launcher import control_client
+    from plural.federate.security import register_node
+
+    if not public_key.is_file():
+        raise PluralError(f"{public_key}: no such public key file")
+    node_id = register_node(control_client(superlink, root_certificates, _flwr_home("cli")), public_key, name)
+    out.print(f"node {node_id} may now connect with the matching private key")
+
+
+def _foreground(cmd: list[str], sub: str) -> None:
+    from plural.federate.launcher import BIN, FLWR_ENV
+
+    out.print(f"[dim]{' '.join(cmd)}[/]")
+    env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(_flwr_home(sub)), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    p = subprocess.Popen(cmd, env=env)
+    try:
+        rc = p.wait()
+    except KeyboardInterrupt:
+        p.terminate()
+        p.wait()
+        raise
+    if rc != 0:
+        raise PluralError(f"{Path(cmd[0]).name} exited with code {rc}")
+
+
 def _flwr_home(sub: str) -> Path:
     from plural.store.paths import plural_home
 
@@ -105,23 +172,24 @@ def node_start(
     audit: Optional[Path] = typer.Option(None, "--audit", help="JSONL file: a summary of every message this node receives and sends."),
 ) -> None:
     """Start a Flower supernode that trains on DATA when the federation asks (Ctrl-C stops it)."""
-    from plural.federate.launcher import BIN, FLWR_ENV, check_node_data, supernode_cmd
+    from plural.federate.launcher import check_node_data, supernode_cmd
 
     if (root_certificates is None) == (not insecure):
         raise PluralError("give --root-certificates CA.pem (TLS) or --insecure (no TLS), exactly one")
     check_node_data(data)
-    cmd = supernode_cmd(superlink, data, name or data.resolve().name, port, root_certificates, auth_key, audit)
-    out.print(f"[dim]{' '.join(cmd)}[/]")
-    env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(_flwr_home("node")), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    p = subprocess.Popen(cmd, env=env)
-    try:
-        rc = p.wait()
-    except KeyboardInterrupt:
-        p.terminate()
-        p.wait()
-        raise
-    if rc != 0:
-        raise PluralError(f"flower-supernode exited with code {rc}")
+    _foreground(supernode_cmd(superlink, data, name or data.resolve().name, port, root_certificates, auth_key, audit), "node")
+
+
+@node_app.command("keygen")
+def node_keygen(
+    out_dir: Path = typer.Argument(..., help="Folder for the key pair."),
+    name: str = typer.Option("node", "--name", help="File name: NAME (private, stays here) and NAME.pub (send to the superlink's operator)."),
+) -> None:
+    """Create this node's key pair for SuperNode authentication."""
+    from plural.federate.security import make_node_key
+
+    priv, pub = make_node_key(out_dir, name)
+    out.print(f"private key: {priv} (plural node start --auth-key {priv})\npublic key: {pub} (plural federate allow-node {pub} ...)")
 
 
 def register(app: typer.Typer) -> None:

@@ -69,36 +69,32 @@ def node_data(ctx: Context) -> tuple[list[Path], Path | None]:
     return [train], ev if ev.is_file() else None
 
 
-def _setup(msg: Message, ctx: Context, train: bool):
-    """Base model + global adapter + this node's rows: (cfg, tune cfg, model, tok, rows, eval_rows, device)."""
+def _setup(cfg: FederateConfig, adapter: dict, rnd: int, files: list[Path], ev: Path | None, fingerprint: str | None, train: bool):
+    """Base model + global adapter + this node's rows: (tune cfg, model, tok, rows, eval_rows, device)."""
     import torch
 
     from plural.store.models import load_model
     from plural.tune import loop
     from plural.tune.sft import add_lora, build_rows
 
-    cfg = FederateConfig.model_validate_json(str(ctx.run_config["plural"]))
-    conf = msg.content["config"]
-    rnd = int(conf["round"])
-    files, ev = node_data(ctx)
     tcfg = cfg.tune_config(files, ev, rnd, Path(tempfile.gettempdir()))
     if cfg.local.threads:
         torch.set_num_threads(cfg.local.threads)
     torch.manual_seed(tcfg.train.seed)
     model, tok, stored = load_model(cfg.model)
-    if stored.fingerprint != conf["base-fingerprint"]:
-        raise PluralError(f"base model {cfg.model!r} on this node ({stored.fingerprint[:19]}…) differs from the server's ({str(conf['base-fingerprint'])[:19]}…)")
+    if fingerprint is not None and stored.fingerprint != fingerprint:
+        raise PluralError(f"base model {cfg.model!r} on this node ({stored.fingerprint[:19]}…) differs from the server's ({fingerprint[:19]}…)")
     rows = build_rows(tok, files, tcfg) if train else []
     eval_rows = build_rows(tok, [ev], tcfg) if ev else None
     device = loop.pick_device(cfg.local.device)
     model = add_lora(model, tcfg)
-    _load_state(model, msg.content["adapter"].to_torch_state_dict())
+    _load_state(model, adapter)
     if cfg.strategy == "ffa":
         # FFA-LoRA: A stays the shared initialisation; only B trains, so averaging B is exact.
         for n, p in model.named_parameters():
             if "lora_A" in n:
                 p.requires_grad_(False)
-    return cfg, tcfg, model.to(device), tok, rows, eval_rows, device
+    return tcfg, model.to(device), tok, rows, eval_rows, device
 
 
 def _load_state(model, state: dict) -> None:
@@ -118,15 +114,18 @@ def _eval(model, rows, pad_id, device, precision) -> float | None:
     return loop.evaluate(loop.TokenLoss(model), rows, pad_id, device, loop.autocast_dtype(precision, device))
 
 
-@app.train()
-def train(msg: Message, ctx: Context) -> Message:
+def local_train(cfg: FederateConfig, adapter: dict, rnd: int, files: list[Path], ev: Path | None,
+                fingerprint: str | None = None) -> tuple[dict, dict]:
+    """One node's round: the global adapter in, (trained tensors to send, metrics) out.
+
+    The tensors are the exchanged ones only (all LoRA factors; B alone under ffa)."""
     from peft import get_peft_model_state_dict
 
     from plural.federate.prox import ProxLoss
     from plural.tune import loop
 
     t0 = time.perf_counter()
-    cfg, tcfg, model, tok, rows, eval_rows, device = _setup(msg, ctx, train=True)
+    tcfg, model, tok, rows, eval_rows, device = _setup(cfg, adapter, rnd, files, ev, fingerprint, train=True)
     before = _eval(model, eval_rows, tok.pad_token_id, device, cfg.local.precision)
     model.train()
     loss_module = ProxLoss(model, cfg.fedprox_mu) if cfg.fedprox_mu > 0 else None
@@ -139,8 +138,30 @@ def train(msg: Message, ctx: Context) -> Message:
     metrics = {"num-tokens": int(res.tokens_trained), "train-loss": float(res.train_loss), "seconds": round(time.perf_counter() - t0, 2)}
     if before is not None:
         metrics.update({"eval-loss-before": before, "eval-loss-after": after})
+    return {k: v.detach().cpu().float().contiguous() for k, v in state.items()}, metrics
+
+
+def local_eval(cfg: FederateConfig, adapter: dict, ev: Path, fingerprint: str | None = None) -> tuple[float, int]:
+    """(mean loss per trained token, trained tokens) of `adapter` on the eval file."""
+    from plural.tune.loop import n_targets
+
+    _, model, tok, _, eval_rows, device = _setup(cfg, adapter, cfg.rounds, [ev], ev, fingerprint, train=False)
+    return _eval(model, eval_rows, tok.pad_token_id, device, cfg.local.precision), n_targets(eval_rows)
+
+
+def _from_message(msg: Message, ctx: Context):
+    cfg = FederateConfig.model_validate_json(str(ctx.run_config["plural"]))
+    conf = msg.content["config"]
+    return cfg, msg.content["adapter"].to_torch_state_dict(), int(conf["round"]), str(conf["base-fingerprint"])
+
+
+@app.train()
+def train(msg: Message, ctx: Context) -> Message:
+    cfg, adapter, rnd, fp = _from_message(msg, ctx)
+    files, ev = node_data(ctx)
+    state, metrics = local_train(cfg, adapter, rnd, files, ev, fp)
     content = RecordDict({
-        "adapter": ArrayRecord(torch_state_dict={k: v.detach().cpu().float().contiguous() for k, v in state.items()}),
+        "adapter": ArrayRecord(torch_state_dict=state),
         "metrics": MetricRecord(metrics),
         "node": ConfigRecord({"org": _org(ctx)}),
     })
@@ -149,16 +170,13 @@ def train(msg: Message, ctx: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, ctx: Context) -> Message:
-    cfg, tcfg, model, tok, _, eval_rows, device = _setup(msg, ctx, train=False)
-    loss = _eval(model, eval_rows, tok.pad_token_id, device, cfg.local.precision)
-    metrics = {} if loss is None else {"eval-loss-before": loss, "eval-tokens": sum(_n_targets(r) for r in eval_rows)}
+    cfg, adapter, _, fp = _from_message(msg, ctx)
+    _, ev = node_data(ctx)
+    metrics = {}
+    if ev is not None:
+        loss, n = local_eval(cfg, adapter, ev, fp)
+        metrics = {"eval-loss-before": loss, "eval-tokens": n}
     return Message(RecordDict({"metrics": MetricRecord(metrics), "node": ConfigRecord({"org": _org(ctx)})}), reply_to=msg)
-
-
-def _n_targets(row) -> int:
-    from plural.tune.loop import n_targets
-
-    return n_targets([row])
 
 
 def _org(ctx: Context) -> str:

@@ -289,14 +289,17 @@ class LocalFederation:
     node_args: dict[str, tuple[Path, int]] = field(default_factory=dict)
     superlink: subprocess.Popen | None = None
     audit: bool = False
+    tls: TLS | None = None
+    node_auth: bool = False
 
     def start_superlink(self) -> None:
         self.port = self.port or free_port()
-        self.superlink = self.procs.start("flower-superlink", superlink_cmd("127.0.0.1", self.port), self.workdir / "logs" / "superlink.log",
+        cmd = superlink_cmd("127.0.0.1", self.port, self.tls, self.node_auth)
+        self.superlink = self.procs.start("flower-superlink", cmd, self.workdir / "logs" / "superlink.log",
                                           env={"FLWR_HOME": str(self.workdir / "flwr" / "superlink")})
         _wait_port(self.port, self.superlink, self.workdir / "logs" / "superlink.log")
 
-    def start_node(self, org: str, data: Path, threads: int | None = None) -> subprocess.Popen:
+    def start_node(self, org: str, data: Path, threads: int | None = None, auth_key: Path | None = None) -> subprocess.Popen:
         check_node_data(data)
         port = self.node_args.get(org, (data, free_port()))[1]
         self.node_args[org] = (data, port)
@@ -306,7 +309,8 @@ class LocalFederation:
         env = {"FLWR_HOME": str(self.workdir / "flwr" / org)}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        p = self.procs.start(f"flower-supernode ({org})", supernode_cmd(f"127.0.0.1:{self.port}", data, org, port, audit=audit),
+        cmd = supernode_cmd(f"127.0.0.1:{self.port}", data, org, port, self.tls.ca if self.tls else None, auth_key, audit)
+        p = self.procs.start(f"flower-supernode ({org})", cmd,
                              self.workdir / "logs" / f"node-{org}.log", env=env)
         self.nodes[org] = p
         return p
@@ -319,7 +323,7 @@ class LocalFederation:
         self.superlink = None
 
     def client(self):
-        return control_client(f"127.0.0.1:{self.port}", None, self.workdir / "flwr" / "cli")
+        return control_client(f"127.0.0.1:{self.port}", self.tls.ca if self.tls else None, self.workdir / "flwr" / "cli")
 
     def alive(self) -> None:
         """Raise if the superlink died (a node dying is tolerated by the federation)."""

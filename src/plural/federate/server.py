@@ -70,25 +70,30 @@ def _peft_model(cfg: FederateConfig):
     return add_lora(model, SimpleNamespace(lora=cfg.lora)), stored  # add_lora reads only cfg.lora
 
 
-def init_state(cfg: FederateConfig) -> tuple[checkpoint.ServerState, str]:
-    """A fresh state or the latest checkpoint (with `resume`); returns (state, base fingerprint)."""
+def initial_adapter(cfg: FederateConfig) -> tuple[dict, str]:
+    """The round-1 global LoRA tensors (A seeded, B zero) and the base model's fingerprint."""
     from peft import get_peft_model_state_dict
 
+    model, stored = _peft_model(cfg)
+    return {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()}, stored.fingerprint
+
+
+def init_state(cfg: FederateConfig) -> tuple[checkpoint.ServerState, str]:
+    """A fresh state or the latest checkpoint (with `resume`); returns (state, base fingerprint)."""
     from plural.config import dump_yaml
 
     out = cfg.output
     ckpts = checkpoint.list_checkpoints(out)
-    model, stored = _peft_model(cfg)
+    state, fp = initial_adapter(cfg)
     if cfg.resume and ckpts:
         st = checkpoint.load(ckpts[-1])
         _tell(out, {"event": "resumed", "round": st.round}, f"resumed after round {st.round} from {ckpts[-1]}")
-        return st, stored.fingerprint
+        return st, fp
     if not cfg.resume and checkpoint.started(out):
         raise PluralError(f"run folder {out} exists and is not empty: resume it (--resume) or set output: to a new folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(dump_yaml(cfg.model_copy(update={"resume": False})), encoding="utf-8")
-    state = {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()}
-    return checkpoint.ServerState(0, state), stored.fingerprint
+    return checkpoint.ServerState(0, state), fp
 
 
 def _wait_for_nodes(grid: Grid, cfg: FederateConfig) -> list[int]:
