@@ -150,6 +150,8 @@ def local_eval(cfg: FederateConfig, adapter: dict, ev: Path, fingerprint: str | 
 
 
 def _from_message(msg: Message, ctx: Context):
+    import torch  # noqa: F401  (flwr converts ArrayRecord to torch only once torch is imported)
+
     cfg = FederateConfig.model_validate_json(str(ctx.run_config["plural"]))
     conf = msg.content["config"]
     return cfg, msg.content["adapter"].to_torch_state_dict(), int(conf["round"]), str(conf["base-fingerprint"])
