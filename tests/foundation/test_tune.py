@@ -137,3 +137,14 @@ def test_two_processes_match_one_with_same_global_batch(tmp_path, tiny_model):
     r = run_cli("tune", cfg, "--nproc", "2", "--set", "lora.dropout=0", "--set", "train.batch_size=2", "--set", f"output={tmp_path / 'two'}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_adapter(one, tmp_path / "two", atol=1e-5)
+
+
+def test_generate_and_chat_cli(tmp_path, tiny_model):
+    """`plural generate` prints one answer; `plural chat` answers each line until an empty one."""
+    r = run_cli("generate", "--model", tiny_model, "--max-tokens", "5", "hello")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip()  # a random tiny model still answers with some tokens
+    r = subprocess.run([*PLURAL, "chat", "--model", tiny_model, "--max-tokens", "4"], input="hi\n/reset\nagain\n\n",
+                       capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("model>") == 2  # two questions, two answers; /reset is not sent to the model
