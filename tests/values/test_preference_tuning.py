@@ -137,8 +137,9 @@ def _run(method, tiny_model, pref_file, out, steps, lr, init=None):
            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
            "preference": {"beta": 0.5}, "train": {"max_steps": steps, "batch_size": 2, "lr": lr, "warmup_ratio": 0, "scheduler": "constant", "threads": 2},
            "output": str(out)}
-    if init:
+    if init:  # the adapter's shape comes from the init adapter
         cfg["init_adapter"] = str(init)
+        del cfg["lora"]
     return tune.run(validate(TuneConfig, cfg, "test"))
 
 
@@ -151,7 +152,7 @@ def test_recipe_lowers_its_loss_and_writes_the_run_folder(method, tiny_model, pr
     losses = [r["loss"] for r in log]
     assert len(log) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
     if method == "dpo":  # starts at log 2 (fresh adapter = reference) and separates the pairs
-        assert losses[0] == pytest.approx(math.log(2.0), abs=1e-4) and losses[-1] < 0.5 * losses[0], losses
+        assert losses[0] == pytest.approx(math.log(2.0), abs=1e-5) and losses[-1] < losses[0] - 0.1, losses
     for f in ("config.yaml", "loss.png", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
         assert (tmp_path / "run" / f).is_file(), f
     man = read_manifest(adapter)
