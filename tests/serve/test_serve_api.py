@@ -9,8 +9,11 @@ import threading
 import time
 
 import httpx
+import hypothesis
 import openai
 import pytest
+import schemathesis
+from schemathesis.checks import not_a_server_error
 
 from server import Server
 
@@ -197,6 +200,24 @@ def test_admin_adapters(srv, tiny_adapters):
     assert httpx.delete(url + "/team/good", headers=admin).status_code == 200
     with pytest.raises(openai.NotFoundError):
         client(srv).chat.completions.create(model="team/good", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_fuzzed_requests_never_yield_5xx(srv):
+    """Schema-driven fuzzing of every route (15 examples each, to fit the time budget): never a 5xx."""
+    schema = schemathesis.openapi.from_url(srv.url + "/openapi.json")
+    ops = [r.ok() for r in schema.get_all_operations()]
+    assert {"/v1/chat/completions", "/v1/completions", "/admin/adapters"} <= {op.path for op in ops}
+    headers = {"Authorization": f"Bearer {ALL_KEY}"}
+    for op in ops:
+
+        @hypothesis.given(case=op.as_strategy())
+        @hypothesis.settings(max_examples=15, deadline=None, database=None,
+                             suppress_health_check=list(hypothesis.HealthCheck),
+                             phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
+        def fuzz(case):
+            case.call_and_validate(base_url=srv.url, headers=headers, checks=[not_a_server_error])
+
+        fuzz()
 
 
 def test_graceful_shutdown_finishes_in_flight(srv):
