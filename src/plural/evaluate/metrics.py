@@ -92,8 +92,9 @@ def ratio(num, den=None) -> float:
 
 
 def _resampled_ratios(num: np.ndarray, den: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    # idx: [B, n] item indices of B resamples -> [B] metric values
-    return num[idx].sum(axis=1) / den[idx].sum(axis=1)
+    # idx: [B, n] item indices of B resamples -> [B] metric values (nan where a resample's den is 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return num[idx].sum(axis=1) / den[idx].sum(axis=1)
 
 
 def _indices(n: int, n_boot: int, seed: int) -> np.ndarray:

@@ -54,7 +54,7 @@ def plot_suite(suite: dict[str, Any], variants: list[str]) -> bytes | None:
         ax.bar(x + (j - (len(variants) - 1) / 2) * width, vals, width, label=v,
                yerr=np.vstack([vals - lo, hi - vals]), capsize=2, error_kw={"lw": 0.8})
     ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
-    arrows = ", ".join(f"{m['name']} {'↑' if m['higher_is_better'] else '↓'}" for m in suite["metrics"][:1])
+    arrows = ", ".join(f"{m['name']} {'↑' if m['higher_is_better'] else '↓'}" for m in suite["metrics"] if "/" not in m["name"])
     ax.set_title(f"{suite['name']} ({suite['kind']}) — better: {arrows}; bars: 95% bootstrap CI", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncols=min(4, len(variants)))
