@@ -91,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=8, help="training steps per adapter")
+    ap.add_argument("--steps", type=int, default=3, help="training steps per adapter")
     ap.add_argument("--work", type=Path, default=Path("/tmp/plural-eval-bench"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()

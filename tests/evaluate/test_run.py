@@ -103,6 +103,13 @@ def test_cli_end_to_end_and_bad_input(tiny_model, tiny_adapters, suites, tmp_pat
     assert r.returncode == 1
     assert f"{bad}:3: a qa item needs \"answer\"" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
-    r = subprocess.run([sys.executable, "-m", "plural.cli.main", "eval", "--model", tiny_model, "--suite", suites[0], "--output", str(out)],
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 1 and "already exists" in r.stderr
+
+    from typer.testing import CliRunner
+
+    from plural.cli.main import app
+    from plural.errors import PluralError
+
+    before = (out / "report.json").read_bytes()
+    r = CliRunner().invoke(app, ["eval", "--model", tiny_model, "--suite", suites[0], "--output", str(out)])
+    assert isinstance(r.exception, PluralError) and "already exists" in str(r.exception)
+    assert (out / "report.json").read_bytes() == before
