@@ -49,6 +49,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -370,7 +371,7 @@ class Engine:
             self._append(s, tok, lp)
 
     def _append(self, s: Sequence, tok: int, lp: TokenLogprob | None) -> None:
-        if tok in self.stop_ids:
+        if tok in self.stop_ids and not s.params.ignore_eos:
             self._finish(s, "stop")
             return
         s.out_ids.append(tok)

@@ -50,6 +50,7 @@ class SamplingFields(Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id for the operator's logs; it does not change the output
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-turn (benchmarks)
 
     @model_validator(mode="after")
     def _stops(self):

@@ -62,7 +62,7 @@ class Serving:
         seed = None if req.seed is None else req.seed + choice  # n choices from one seed, each different
         return SamplingParams(max_tokens=max_tokens or (limit - prompt_len), temperature=temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, seed=seed, stop=req.stop_list(),
-                              logprobs=logprobs)
+                              logprobs=logprobs, ignore_eos=req.ignore_eos)
 
     def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
         from plural.data.chat import render

@@ -1,0 +1,385 @@
+"""Serving many LoRA adapters: plural serve vs transformers + PEFT vs llama.cpp, one workload, one run.
+
+Workload: N chat requests (default 64), 128 new tokens each (end-of-turn ignored so every system
+generates the same count), concurrency 16 (a closed loop: each of 16 clients sends its next request
+when its previous one finishes), request i uses adapter i mod 16 (PEFT-default LoRA: r=8 on
+q_proj, v_proj, random weights) on SmolLM2-135M-Instruct.
+
+- plural: `plural serve` process, the official async openai client, streaming (TTFT per request).
+  Also: the same workload on the base model only, with 1 distinct adapter, and with 64.
+- transformers + PEFT, sequential: one request at a time, switching adapters (`set_adapter`).
+- PEFT mixed-adapter batch: 16 requests in one `generate(adapter_names=...)` call (static batch).
+- llama.cpp (llama-cpp-python, the bundled Q4_1 GGUF, adapters converted to GGUF LoRA and switched
+  per request with llama_set_adapters_lora; one request at a time, as llama-cpp-python serves).
+
+The sequential baselines are measured on a subset of requests (they are slow); their TTFT under the
+16-client closed loop is computed exactly from the measured per-request times (FIFO single server).
+
+    PLURAL_HOME=/tmp/ph python benchmarks/serve_bench.py [--requests 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import torch
+
+from _report import command, write_section
+
+NEW_TOKENS = 128
+CONCURRENCY = 16
+TOPICS = ["a refund", "a late delivery", "a password reset", "roaming fees", "a broken screen", "an invoice",
+          "a contract change", "a new SIM card"]
+
+
+def prompts(n: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": f"Write a short, friendly reply to a customer asking about {TOPICS[i % len(TOPICS)]} (case {i})."}]
+            for i in range(n)]
+
+
+# ---- adapters ---------------------------------------------------------------------------------
+
+def make_adapters(n: int) -> list[Path]:
+    """n PEFT-default LoRA adapters (r=8, q_proj+v_proj) with random B, saved in the store."""
+    from peft import LoraConfig, get_peft_model
+
+    from plural.store.adapters import build_manifest, save_adapter
+    from plural.store.models import get_model, load_model
+    from plural.store.paths import adapters_dir
+
+    paths = [adapters_dir() / f"bench-{i:02d}" for i in range(n)]
+    if all((p / "adapter_model.safetensors").is_file() for p in paths):
+        return paths
+    model, _, stored = load_model()
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    for i, p in enumerate(paths):
+        torch.manual_seed(1000 + i)
+        with torch.no_grad():
+            for name, prm in peft_model.named_parameters():
+                if "lora_A" in name:
+                    prm.normal_(0, 1 / prm.shape[1] ** 0.5)
+                elif "lora_B" in name:
+                    prm.normal_(0, 0.02)
+        save_adapter(peft_model, p, build_manifest(stored, "bench", {"seed": 1000 + i}))
+    return paths
+
+
+def to_gguf_lora(adapter: Path, out: Path, n_head: int, n_kv: int) -> Path:
+    """Write a PEFT LoRA as a llama.cpp GGUF LoRA (`general.type = adapter`).
+
+    llama.cpp's HF->GGUF conversion permutes q/k rows for its RoPE layout; a LoRA's B (output rows)
+    gets the same permutation so the adapter lines up with the converted base.
+    """
+    import gguf
+    from safetensors.torch import load_file
+
+    from plural.store.adapters import read_adapter_config
+
+    if out.exists():
+        return out
+    cfg = read_adapter_config(adapter)
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+    def permute(w, heads):
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(cfg["lora_alpha"]))
+    for key, t in sorted(load_file(str(adapter / "adapter_model.safetensors")).items()):
+        parts = key.split(".")
+        layer, mod, ab = int(parts[parts.index("layers") + 1]), parts[-3], parts[-2]
+        t = t.float()
+        if ab == "lora_B" and mod in ("q_proj", "k_proj"):
+            t = permute(t, n_head if mod == "q_proj" else n_kv)
+        w.add_tensor(f"blk.{layer}.{names[mod]}.weight.{'lora_a' if ab == 'lora_A' else 'lora_b'}", t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+# ---- statistics -------------------------------------------------------------------------------
+
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def closed_loop(records, n_total):
+    """FIFO single server, 16 clients: request j arrives when request j-16 ended. records: per request
+    (service_seconds, ttft_from_start_of_service). Cycles the measured records up to n_total requests."""
+    ends, ttfts, t = [], [], 0.0
+    for j in range(n_total):
+        service, first = records[j % len(records)]
+        arrival = ends[j - CONCURRENCY] if j >= CONCURRENCY else 0.0
+        start = max(t, arrival)
+        ttfts.append(start + first - arrival)
+        t = start + service
+        ends.append(t)
+    return ttfts
+
+
+# ---- plural -----------------------------------------------------------------------------------
+
+class PluralServer:
+    def __init__(self, adapters: list[Path], workdir: Path):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        args = [str(Path(sys.executable).with_name("plural")), "serve", "--port", str(self.port)]
+        for p in adapters:
+            args += ["--adapter", f"{p.name}={p}"]
+        self.log = open(workdir / "plural-serve.log", "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        import httpx
+
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("plural serve did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+async def plural_workload(port, models, msgs, concurrency):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    sem = asyncio.Semaphore(concurrency)
+    ttfts, tokens, decode_rates = [], [], []
+
+    async def one(model, m):
+        async with sem:
+            t0 = time.perf_counter()
+            first = last = None
+            n = 0
+            stream = await client.chat.completions.create(
+                model=model, messages=m, max_tokens=NEW_TOKENS, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            async for ch in stream:
+                if ch.choices and ch.choices[0].delta.content:
+                    last = time.perf_counter()
+                    first = first or last
+                if ch.usage:
+                    n = ch.usage.completion_tokens
+            ttfts.append(first - t0)
+            tokens.append(n)
+            if last > first:
+                decode_rates.append((n - 1) / (last - first))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(model, m) for model, m in zip(models, msgs)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return {"tok_s": sum(tokens) / wall, "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99),
+            "decode": statistics.median(decode_rates), "tokens": sum(tokens), "wall": wall}
+
+
+# ---- transformers + PEFT ----------------------------------------------------------------------
+
+class FirstTokenClock:
+    """A logits processor that notes when generate asks for the first new token's scores."""
+
+    def __init__(self):
+        self.t = None
+
+    def __call__(self, input_ids, scores):
+        self.t = self.t or time.perf_counter()
+        return scores
+
+
+def peft_model(adapters):
+    from peft import PeftModel
+
+    from plural.store.models import load_model
+
+    model, tok, _ = load_model()
+    pm = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=adapters[0].name)
+    for p in adapters[1:]:
+        pm.load_adapter(str(p), adapter_name=p.name)
+    pm.eval()
+    return pm, tok
+
+
+def hf_sequential(pm, tok, adapters, msgs, n_req):
+    from transformers import LogitsProcessorList
+
+    records = []
+    for i in range(n_req):
+        pm.set_adapter(adapters[i % len(adapters)].name)
+        ids = tok.apply_chat_template(msgs[i], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        clock = FirstTokenClock()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pm.generate(**ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                        pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([clock]))
+        records.append((time.perf_counter() - t0, clock.t - t0))
+    return records
+
+
+def peft_mixed_batch(pm, tok, adapters, msgs):
+    from transformers import LogitsProcessorList
+
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs[:CONCURRENCY]]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    names = [adapters[i % len(adapters)].name for i in range(len(texts))]
+    clock = FirstTokenClock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = pm.generate(**enc, adapter_names=names, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                          do_sample=False, pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([clock]))
+    wall = time.perf_counter() - t0
+    n_tok = (out.shape[1] - enc["input_ids"].shape[1]) * len(texts)
+    return wall, clock.t - t0, n_tok
+
+
+# ---- llama.cpp --------------------------------------------------------------------------------
+
+def llamacpp(adapters, msgs, n_req, workdir):
+    import llama_cpp
+    from llama_cpp import Llama
+
+    from plural.store.models import bundled_gguf, load_model
+
+    model, _, _ = load_model()
+    cfg = model.config
+    del model
+    ggufs = [to_gguf_lora(p, workdir / f"{p.name}.gguf", cfg.num_attention_heads, cfg.num_key_value_heads) for p in adapters]
+    llm = Llama(model_path=str(bundled_gguf()), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    handles = [llama_cpp.llama_adapter_lora_init(llm._model.model, str(g).encode()) for g in ggufs]
+    assert all(handles), "llama.cpp refused a converted adapter"
+    eos = llm.token_eos()
+
+    def run(i, adapter):
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scale = (llama_cpp.c_float * 1)(1.0)
+        llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, arr, 1, scale)
+        llm.reset()  # its prompt cache is not keyed by adapter: never reuse KV across adapters
+        t0 = time.perf_counter()
+        first, n = None, 0
+        for ch in llm.create_chat_completion(messages=msgs[i], max_tokens=NEW_TOKENS, temperature=0, stream=True,
+                                             logit_bias={eos: -1e9}):
+            if ch["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter()
+                n += 1
+        return time.perf_counter() - t0, first - t0, n
+
+    records, decode_rates, total_tokens, total_time = [], [], 0, 0.0
+    for i in range(n_req):
+        service, first, n = run(i, handles[i % len(handles)])
+        records.append((service, first))
+        total_tokens += NEW_TOKENS
+        total_time += service
+        decode_rates.append((NEW_TOKENS - 1) / (service - first))
+    return records, total_tokens / total_time, statistics.median(decode_rates)
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of plural's 16-adapter workload (median)")
+    ap.add_argument("--baseline-requests", type=int, default=8, help="requests measured for each sequential baseline")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    adapters = make_adapters(64)
+    a16 = adapters[:16]
+    msgs = prompts(args.requests)
+    rows = {}
+
+    srv = PluralServer(adapters, work)
+    try:
+        run = lambda models: asyncio.run(plural_workload(srv.port, models, msgs, CONCURRENCY))
+        run([a16[0].name] * CONCURRENCY)  # warm-up
+        single = [asyncio.run(plural_workload(srv.port, [a16[i].name], msgs[i:i + 1], 1))["decode"] for i in range(3)]
+        r16 = [run([a16[i % 16].name for i in range(args.requests)]) for _ in range(args.repeats)]
+        r16 = sorted(r16, key=lambda r: r["tok_s"])[len(r16) // 2]
+        rbase = run(["smollm2-135m-instruct"] * args.requests)
+        r1 = run([a16[0].name] * args.requests)
+        r64 = run([adapters[i % 64].name for i in range(args.requests)])
+    finally:
+        srv.stop()
+    rows["plural serve (16 adapters)"] = (r16["tok_s"], r16["ttft_p50"], r16["ttft_p99"], statistics.median(single))
+    print("plural", r16, rbase, r1, r64, single, flush=True)
+
+    pm, tok = peft_model(a16)
+    rec = hf_sequential(pm, tok, a16, msgs, args.baseline_requests)
+    tt = closed_loop(rec, args.requests)
+    svc = [s for s, _ in rec]
+    rows["transformers + PEFT, sequential"] = (NEW_TOKENS * len(rec) / sum(svc), pct(tt, 50), pct(tt, 99),
+                                               statistics.median((NEW_TOKENS - 1) / (s - f) for s, f in rec))
+    wall, first, n_tok = peft_mixed_batch(pm, tok, a16, msgs)
+    rows["PEFT mixed-adapter batch (16, static)"] = (n_tok / wall, first, first, float("nan"))
+    print("hf", rows, flush=True)
+    del pm
+
+    rec, tps, dec = llamacpp(a16, msgs, args.baseline_requests, work)
+    tt = closed_loop(rec, args.requests)
+    rows["llama.cpp (Q4_1 GGUF + GGUF LoRA), sequential"] = (tps, pct(tt, 50), pct(tt, 99), dec)
+    print("llama.cpp", rows, flush=True)
+
+    lc = rows["llama.cpp (Q4_1 GGUF + GGUF LoRA), sequential"]
+    lines = [
+        f"Workload: {args.requests} chat requests x {NEW_TOKENS} new tokens, concurrency {CONCURRENCY}, request i uses "
+        "adapter i mod 16 (PEFT-default LoRA r=8 on q_proj+v_proj) on SmolLM2-135M-Instruct. Sequential baselines: "
+        f"{args.baseline_requests} requests measured, closed-loop TTFT computed from their per-request times.",
+        "",
+        f"Command: `{command()}`",
+        "",
+        "| system | aggregate tok/s | TTFT p50 (s) | TTFT p99 (s) | single-stream decode tok/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, (tps, p50, p99, ss) in rows.items():
+        ss_s = "—" if ss != ss else f"{ss:.1f}"
+        lines.append(f"| {name} | {tps:.1f} | {p50:.2f} | {p99:.2f} | {ss_s} |")
+    lines += [
+        "",
+        "plural serve, same workload, by number of distinct adapters:",
+        "",
+        "| adapters | aggregate tok/s | TTFT p50 (s) | TTFT p99 (s) |",
+        "|---|---:|---:|---:|",
+        f"| base model only | {rbase['tok_s']:.1f} | {rbase['ttft_p50']:.2f} | {rbase['ttft_p99']:.2f} |",
+        f"| 1 | {r1['tok_s']:.1f} | {r1['ttft_p50']:.2f} | {r1['ttft_p99']:.2f} |",
+        f"| 16 (median of {args.repeats}) | {r16['tok_s']:.1f} | {r16['ttft_p50']:.2f} | {r16['ttft_p99']:.2f} |",
+        f"| 64 | {r64['tok_s']:.1f} | {r64['ttft_p50']:.2f} | {r64['ttft_p99']:.2f} |",
+        "",
+        f"Targets: aggregate >= 3x llama.cpp: {r16['tok_s'] / lc[0]:.2f}x; 16 adapters vs base-only: "
+        f"{r16['tok_s'] / rbase['tok_s']:.0%} (target 90%); single stream vs llama.cpp: "
+        f"{statistics.median(single) / lc[3]:.2f}x (target 0.5x).",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        write_section("serve", body)
+
+
+if __name__ == "__main__":
+    main()
