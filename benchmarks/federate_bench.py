@@ -35,10 +35,31 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 ORGS = ["clinic", "bank", "mairie"]
 
 
+def _cache_base_model() -> None:
+    """Each simulated node call gets a fresh copy of the base model from memory instead of
+    reading the store again (a real node is a fresh process and reads the store; here only the
+    wall time differs, not the result)."""
+    import copy
+
+    import plural.store.models as models
+
+    load, cache = models.load_model, {}
+
+    def cached(name=None, dtype=None, with_tokenizer=True):
+        if name not in cache:
+            cache[name] = load(name, dtype, with_tokenizer=True)
+        model, tok, stored = cache[name]
+        return copy.deepcopy(model), tok, stored
+
+    models.load_model = cached
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--naive-poison", action="store_true", help="also run the poisoned federation with the plain mean")
     ap.add_argument("--no-write", action="store_true")
@@ -57,13 +78,14 @@ def main() -> None:
     from plural.tune.config import LoraConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
+    _cache_base_model()
     data = ROOT / "examples" / "federate" / "orgs"
     train = {o: data / o / "train.jsonl" for o in ORGS}
     evals = {o: data / o / "eval.jsonl" for o in ORGS}
     work = Path(tempfile.mkdtemp(prefix="plural-fedbench-"))
     base_cfg = FederateConfig(
         model=args.model, rounds=args.rounds, min_nodes=1, strategy="fedavg", seed=0,
-        local=LocalConfig(steps=args.steps, batch_size=4, lr=2e-3, max_length=256, device="cpu"),
+        local=LocalConfig(steps=args.steps, batch_size=args.batch, lr=2e-3, max_length=args.max_length, device="cpu"),
         lora=LoraConfig(r=8, alpha=16, dropout=0.0), output=work / "unused",
     )
     init, fp = initial_adapter(base_cfg)
@@ -148,7 +170,7 @@ def main() -> None:
     md = f"""### Federated LoRA (`plural federate`): alone vs federated vs pooled
 
 `{command()}` — SmolLM2-135M-Instruct, LoRA r=8 on all projections, {args.rounds} rounds × {args.steps} local steps
-(batch 4 × 256 tokens, lr 2e-3), three organisations with non-IID data (`examples/federate/orgs`: clinic,
+(batch {args.batch} × {args.max_length} tokens, lr 2e-3), three organisations with non-IID data (`examples/federate/orgs`: clinic,
 bank and a French town hall). Held-out loss per trained token on the union of the three eval sets (and per
 organisation); improvement is over the base model; pooled = one trainer on all the data with 3 × the
 batch (the three nodes' tokens per step; same sequential steps and compute as the federation). Each run is the real node and server code

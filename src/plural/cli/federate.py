@@ -94,6 +94,7 @@ def superlink(
     tls: Optional[Path] = typer.Option(None, "--tls", help="Folder with ca.pem, server.pem, server.key (see `plural federate certs`)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP without TLS (tests and trusted networks only)."),
     node_auth: bool = typer.Option(False, "--node-auth", help="Admit only nodes whose public key was registered (`plural federate allow-node`)."),
+    database: Optional[Path] = typer.Option(None, "--database", help="SQLite state file, kept across restarts (default: $PLURAL_HOME/flwr/superlink/state.db)."),
 ) -> None:
     """Run the federation's server side (flower-superlink) in the foreground."""
     from plural.federate.launcher import TLS, superlink_cmd
@@ -106,7 +107,9 @@ def superlink(
         for f in (t.ca, t.cert, t.key):
             if not f.is_file():
                 raise PluralError(f"{f}: missing (create the files with `plural federate certs {tls} --host HOST`)")
-    _foreground(superlink_cmd(host, port, t, node_auth), "superlink")
+    db = database or _flwr_home("superlink") / "state.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    _foreground(superlink_cmd(host, port, db, t, node_auth), "superlink")
 
 
 @federate_app.command("certs")

@@ -116,9 +116,11 @@ def _exe(name: str) -> str:
     return str(p)
 
 
-def superlink_cmd(host: str, port: int, tls: TLS | None = None, node_auth: bool = False) -> list[str]:
+def superlink_cmd(host: str, port: int, database: Path, tls: TLS | None = None, node_auth: bool = False) -> list[str]:
+    """The superlink keeps its state (registered nodes, runs) in an SQLite `database`, so that
+    after a restart the nodes it knew can reconnect without re-registering."""
     cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port), "--isolation", "subprocess",
-           "--disable-runtime-dependency-installation"]
+           "--disable-runtime-dependency-installation", "--database", str(database)]
     if tls is None:
         cmd.append("--insecure")
     else:
@@ -294,7 +296,8 @@ class LocalFederation:
 
     def start_superlink(self) -> None:
         self.port = self.port or free_port()
-        cmd = superlink_cmd("127.0.0.1", self.port, self.tls, self.node_auth)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = superlink_cmd("127.0.0.1", self.port, self.workdir / "superlink.db", self.tls, self.node_auth)
         self.superlink = self.procs.start("flower-superlink", cmd, self.workdir / "logs" / "superlink.log",
                                           env={"FLWR_HOME": str(self.workdir / "flwr" / "superlink")})
         _wait_port(self.port, self.superlink, self.workdir / "logs" / "superlink.log")
