@@ -104,6 +104,27 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if ok else None
 
 
+def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen nn.Linear weights in `dtype` (the autocast dtype). Returns how many.
+
+    Under autocast every linear op casts its fp32 weight to bf16 on every call (autocast caches
+    casts only for leaves that require grad), which on a CPU costs a full read and write of the
+    frozen model per forward. Casting once gives bit-identical results (same rounding) with half
+    the weight memory. Weights shared with an embedding (tied lm_head) stay fp32 so the residual
+    stream keeps its precision; trainable (LoRA) weights stay fp32 for the optimizer.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {id(emb.weight)} if emb is not None else set()
+    n = 0
+    for mod in model.modules():
+        if type(mod) is nn.Linear and not mod.weight.requires_grad and id(mod.weight) not in tied:
+            mod.weight.data = mod.weight.data.to(dtype)
+            if mod.bias is not None and not mod.bias.requires_grad:
+                mod.bias.data = mod.bias.data.to(dtype)
+            n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------- loss
 
 class TokenLoss(nn.Module):
@@ -290,6 +311,8 @@ def fit(
 
     t = cfg.train
     amp = autocast_dtype(t.precision, device)
+    if amp is not None:
+        cast_frozen_linears(model, amp)
     loss_mod = loss_module or TokenLoss(model)
     loss_mod.to(device).train()
     wrapped: nn.Module = loss_mod
