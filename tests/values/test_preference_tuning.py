@@ -156,7 +156,7 @@ def test_recipe_lowers_its_loss_and_writes_the_run_folder(method, tiny_model, pr
     for f in ("config.yaml", "loss.png", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
         assert (tmp_path / "run" / f).is_file(), f
     man = read_manifest(adapter)
-    assert man["method"] == method and man["metrics"]["pairs"] == 12 * 2  # pairs seen: steps × batch
+    assert man["method"] == method and man["metrics"]["pairs_seen"] == 12 * 2  # steps × batch
     acc_key = "eval_reward_accuracy" if method == "dpo" else "eval_odds_accuracy"
     assert man["metrics"][acc_key] == 1.0  # trained on the same four pairs it is scored on
     assert man["metrics"]["eval_loss"] < log[0]["loss"]

@@ -25,6 +25,7 @@ plural.json, loss.png, log.jsonl) -- the same run folder as `method: sft`.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -116,14 +117,17 @@ class DPOLoss(nn.Module):
 
 
 @torch.no_grad()
-def pair_accuracy(loss_mod: nn.Module, rows: list[Row], pad_id: int, device, batch_size: int = 8) -> float:
-    """Fraction of pairs whose margin (loss_mod.rewards) is positive: DPO's 'reward accuracy'."""
+def pair_accuracy(loss_mod: nn.Module, rows: list[Row], pad_id: int, device, amp: torch.dtype | None, batch_size: int = 8) -> float:
+    """Fraction of pairs whose margin (loss_mod.rewards) is positive: DPO's 'reward accuracy'.
+
+    Under the training autocast (`amp`): fit() stores the frozen weights in that dtype."""
     was = loss_mod.training
     loss_mod.eval()
     wins = 0
     for i in range(0, len(rows), batch_size):
         b = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
-        wins += int((loss_mod.rewards(**b) > 0).sum())
+        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+            wins += int((loss_mod.rewards(**b) > 0).sum())
     loss_mod.train(was)
     return wins / max(len(rows), 1)
 
@@ -160,7 +164,7 @@ def save(cfg: TuneConfig, run_dir: Path, model, stored, res: loop.FitResult, dis
     adapter_dir = run_dir / "adapter"
     if dist.main:
         metrics = {
-            "steps": res.steps, "train_loss": res.train_loss, "eval_loss": res.eval_loss, "pairs": res.tokens_trained // 2,
+            "steps": res.steps, "train_loss": res.train_loss, "eval_loss": res.eval_loss, "pairs_seen": res.tokens_trained // 2,
             "seconds": round(res.seconds, 2), "processes": dist.world,
             "precision": "bf16" if loop.autocast_dtype(cfg.train.precision, device) else "fp32", **extra_metrics,
         }
@@ -184,5 +188,6 @@ def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
     res = loop.fit(cfg, run_dir, model, train_rows, eval_rows, tok.pad_token_id, dist, device, resume=resume, loss_module=loss_mod)
     extra = {"beta": cfg.preference.beta}
     if eval_rows:
-        extra["eval_reward_accuracy"] = round(pair_accuracy(loss_mod, eval_rows, tok.pad_token_id, device), 4)
+        amp = loop.autocast_dtype(cfg.train.precision, device)
+        extra["eval_reward_accuracy"] = round(pair_accuracy(loss_mod, eval_rows, tok.pad_token_id, device, amp), 4)
     return save(cfg, run_dir, model, stored, res, dist, device, extra)

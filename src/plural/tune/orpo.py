@@ -65,5 +65,6 @@ def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
     res = loop.fit(cfg, run_dir, model, train_rows, eval_rows, tok.pad_token_id, dist, device, resume=resume, loss_module=loss_mod)
     extra = {"lambda": cfg.preference.beta}
     if eval_rows:
-        extra["eval_odds_accuracy"] = round(pair_accuracy(loss_mod, eval_rows, tok.pad_token_id, device), 4)
+        amp = loop.autocast_dtype(cfg.train.precision, device)
+        extra["eval_odds_accuracy"] = round(pair_accuracy(loss_mod, eval_rows, tok.pad_token_id, device, amp), 4)
     return save(cfg, run_dir, model, stored, res, dist, device, extra)
