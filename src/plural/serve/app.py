@@ -64,7 +64,13 @@ def build_state(app: FastAPI, settings: ServeSettings) -> None:
     def register_adapter(name: str, ref: str, confined: bool):
         # Admin-API paths must lie in the store or adapter_dirs; the operator's own --adapter flags need not.
         path = confine(ref, roots) if confined else ref
-        return make_adapter(name, path, stored, model.config, settings.max_lora_rank)
+        a = make_adapter(name, path, stored, model.config, settings.max_lora_rank)
+        if a.nbytes > s.engine.cache_bytes:
+            from plural.errors import PluralError
+
+            raise PluralError(f"adapter {a.path} ({a.nbytes / 2**20:.1f} MiB) is larger than adapter_cache_mb "
+                              f"({settings.adapter_cache_mb:g}); raise adapter_cache_mb")
+        return a
 
     s.register_adapter = register_adapter
     for name, ref in settings.adapters.items():

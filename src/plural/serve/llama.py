@@ -6,8 +6,10 @@ math as `LlamaForCausalLM` (RMSNorm, RoPE, GQA attention, SwiGLU; checked token 
 transformers + PEFT in tests/serve) on weights taken from the HF model, with:
 
 - q|k|v and gate|up fused into one matmul each (fewer, larger ops);
-- a KV cache preallocated once: K, V [L, rows, kv_heads, max_len, head_dim]. A sequence owns one
-  row from prefill to finish; continuous batching is just assigning rows;
+- a KV cache preallocated once: K, V [L, rows, max_len, kv_heads, head_dim]. A sequence owns one
+  row from prefill to finish; continuous batching is just assigning rows. (Positions before heads:
+  a decode step's write `cache[rows, pos]` is then one small gather-free copy; with heads first,
+  torch's index_put took milliseconds per layer);
 - decode over rows 0..n-1 with each row at its own position (mask j <= pos[b]), so requests
   joining and leaving between steps need no re-padding or cache copies;
 - each row's LoRA delta from its own adapter (see `lora.py`).
@@ -73,7 +75,7 @@ class LlamaRunner:
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = (emb.cos() * rot.attention_scaling).to(device=device, dtype=dtype)
         self.sin = (emb.sin() * rot.attention_scaling).to(device=device, dtype=dtype)
-        self.k_cache = torch.zeros(self.n_layers, rows, self.n_kv, max_len, self.head_dim, dtype=dtype, device=device)
+        self.k_cache = torch.zeros(self.n_layers, rows, max_len, self.n_kv, self.head_dim, dtype=dtype, device=device)
         self.v_cache = torch.zeros_like(self.k_cache)
         self.scale = self.head_dim ** -0.5
 
@@ -129,8 +131,8 @@ class LlamaRunner:
         def attend(i, q, k, v):
             # Causal attention within each prompt: padding sits after a row's last token, so it never
             # influences that row's real positions.
-            self.k_cache[i, kv_rows, :, :T] = k
-            self.v_cache[i, kv_rows, :, :T] = v
+            self.k_cache[i, kv_rows, :T] = k.transpose(1, 2)
+            self.v_cache[i, kv_rows, :T] = v.transpose(1, 2)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
 
         h = self._layers(x, cos, sin, lora, attend)
@@ -153,10 +155,10 @@ class LlamaRunner:
 
         def attend(i, q, k, v):
             kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[rows, :, pos] = k[:, :, 0]
-            vc[rows, :, pos] = v[:, :, 0]
-            return F.scaled_dot_product_attention(q, kc[:n, :, :span], vc[:n, :, :span], attn_mask=mask,
-                                                  scale=self.scale, enable_gqa=True)
+            kc[rows, pos] = k[:, :, 0]
+            vc[rows, pos] = v[:, :, 0]
+            return F.scaled_dot_product_attention(q, kc[:n, :span].transpose(1, 2), vc[:n, :span].transpose(1, 2),
+                                                  attn_mask=mask, scale=self.scale, enable_gqa=True)
 
         h = self._layers(x, cos, sin, lora, attend)
         return (h[:, 0] @ self.lm_head.T).float()

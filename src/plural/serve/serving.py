@@ -108,7 +108,10 @@ class Serving:
                 params = self._params(req, len(p_ids), max_tokens, logprobs, c)
 
                 def emit(ev: Event, idx=idx) -> None:
-                    loop.call_soon_threadsafe(queue.put_nowait, (idx, ev))
+                    try:
+                        loop.call_soon_threadsafe(queue.put_nowait, (idx, ev))
+                    except RuntimeError:  # the event loop is gone (server stopped): nobody to tell
+                        pass
 
                 seqs.append(Sequence(model, adapter, p_ids, params, emit))
         try:
