@@ -61,8 +61,13 @@ async def watch_disconnect(request: Request, job) -> None:
 async def respond(request: Request, job, make, stream_fn, req) -> Response:
     state = request.app.state
     if req.stream:
+        async def counted():
+            async for item in stream_fn(req, job):
+                yield item
+            state.metrics.requests.labels(req.model, "200").inc()
+
         # Starlette cancels the generator when the client disconnects; `events` then cancels the sequences.
-        return StreamingResponse(stream_fn(req, job), media_type="text/event-stream",
+        return StreamingResponse(counted(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.create_task(watch_disconnect(request, job))
     try:
