@@ -105,18 +105,18 @@ def test_fedprox_term_is_added_once_per_step(tiny_model):
     from types import SimpleNamespace
 
     model, tok, _ = load_model(tiny_model)
-    model = add_lora(model, SimpleNamespace(lora=LoraConfig(r=2, target_modules=["q_proj"])))
+    model = add_lora(model, SimpleNamespace(lora=LoraConfig(r=2, dropout=0.0, target_modules=["q_proj"])))
     rows = unpacked([encode_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}])])
     b = collate(rows, tok.pad_token_id)
     n = int((b["labels"][:, 1:] != -100).sum())
     prox = ProxLoss(model, mu=0.1)
-    base = float(TokenLoss(model)(**b))
-    assert float(prox(**b)) == pytest.approx(base)  # at the global weights the term is 0
     with torch.no_grad():
+        base = float(TokenLoss(model)(**b))
+        assert float(prox(**b)) == pytest.approx(base)  # at the global weights the term is 0
         for p in prox.params:
             p.add_(0.5)
-    dist2 = sum(0.25 * p.numel() for p in prox.params)
-    assert float(prox(**b)) == pytest.approx(float(TokenLoss(model)(**b)) + 0.05 * dist2 * n, rel=1e-5)
+        dist2 = sum(0.25 * p.numel() for p in prox.params)
+        assert float(prox(**b)) == pytest.approx(float(TokenLoss(model)(**b)) + 0.05 * dist2 * n, rel=1e-5)
 
 
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
