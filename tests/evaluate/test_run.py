@@ -113,3 +113,35 @@ def test_cli_end_to_end_and_bad_input(tiny_model, tiny_adapters, suites, tmp_pat
     r = CliRunner().invoke(app, ["eval", "--model", tiny_model, "--suite", suites[0], "--output", str(out)])
     assert isinstance(r.exception, PluralError) and "already exists" in str(r.exception)
     assert (out / "report.json").read_bytes() == before
+
+
+def test_bundled_default_suites_load():
+    from plural.evaluate.run import load_suites
+
+    suites = {s.name: s for s in load_suites(EvalConfig())}
+    assert {n: s.kind for n, s in suites.items()} == {
+        "multilingual-text": "perplexity", "support-answers": "perplexity", "support-qa": "qa",
+        "support-choice": "choice", "support-preference": "preference", "support-samples": "samples"}
+    langs = {it["lang"] for it in suites["multilingual-text"].items}
+    assert {"en", "de", "fr", "es", "it"} <= langs
+    for lang in ("en", "de", "fr", "es", "it"):  # a few KB per language for a meaningful bits per byte
+        assert sum(len(it["text"].encode()) for it in suites["multilingual-text"].items if it["lang"] == lang) > 3000
+    # the demo's held-out split, languages detected from the answers
+    assert {it["lang"] for it in suites["support-answers"].items} == {"en", "de", "fr"}
+    assert len(suites["support-samples"].items) == 6
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path):
+    from plural.config import load_config
+    from plural.evaluate.run import load_suites
+
+    (tmp_path / "faq.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    (tmp_path / "eval.yaml").write_text("suites:\n  - qa:faq.jsonl\n  - {path: faq.jsonl, kind: samples}\noutput: out\n")
+    cfg = load_config(EvalConfig, tmp_path / "eval.yaml").resolve_paths(tmp_path)
+    assert cfg.output == tmp_path / "out"
+    assert [(s.name, s.kind) for s in load_suites(cfg)] == [("faq-qa", "qa"), ("faq-samples", "samples")]
+    from plural.config import validate
+    from plural.errors import PluralError
+
+    with pytest.raises(PluralError, match=r"eval.yaml: suites\.0\..*knd: unknown key"):
+        validate(EvalConfig, {"suites": [{"path": "x", "knd": "qa"}]}, "eval.yaml")

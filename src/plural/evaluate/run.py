@@ -55,7 +55,8 @@ class EvalConfig(Strict):
             p = Path(p).expanduser()
             return p if p.is_absolute() else base_dir / p
 
-        suites = [rel(s) if isinstance(s, str) else s.model_copy(update={"path": rel(s.path)}) for s in self.suites]
+        suites = [(parse_suite_arg(s) if isinstance(s, str) else s) for s in self.suites]
+        suites = [s.model_copy(update={"path": rel(s.path)}) for s in suites]
         adapters = []
         for a in self.adapters:
             spec = a if isinstance(a, AdapterSpec) else AdapterSpec(path=a)
@@ -63,7 +64,7 @@ class EvalConfig(Strict):
                 spec = spec.model_copy(update={"path": str(rel(spec.path))})
             adapters.append(spec)
         out = rel(self.output) if self.output else None
-        return self.model_copy(update={"suites": [str(s) if isinstance(s, Path) else s for s in suites], "adapters": adapters, "output": out})
+        return self.model_copy(update={"suites": suites, "adapters": adapters, "output": out})
 
 
 def default_suites_file() -> Path:
