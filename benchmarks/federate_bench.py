@@ -57,7 +57,8 @@ def _cache_base_model() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--eval-examples", type=int, default=8, help="held-out examples per organisation")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -68,7 +69,7 @@ def main() -> None:
     import torch
     from flwr.app import ArrayRecord
 
-    from _report import command, write_section
+    from _report import write_section
     from plural.federate.aggregate import State
     from plural.federate.client import local_eval, local_train
     from plural.federate.config import AggregatorConfig, FederateConfig, LocalConfig
@@ -81,11 +82,14 @@ def main() -> None:
     _cache_base_model()
     data = ROOT / "examples" / "federate" / "orgs"
     train = {o: data / o / "train.jsonl" for o in ORGS}
-    evals = {o: data / o / "eval.jsonl" for o in ORGS}
     work = Path(tempfile.mkdtemp(prefix="plural-fedbench-"))
+    evals = {}
+    for o in ORGS:  # the first N held-out examples of each organisation
+        evals[o] = work / f"{o}-eval.jsonl"
+        evals[o].write_text("".join((data / o / "eval.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:args.eval_examples]), encoding="utf-8")
     base_cfg = FederateConfig(
         model=args.model, rounds=args.rounds, min_nodes=1, strategy="fedavg", seed=0,
-        local=LocalConfig(steps=args.steps, batch_size=args.batch, lr=2e-3, max_length=args.max_length, device="cpu"),
+        local=LocalConfig(steps=args.steps, batch_size=args.batch, lr=2e-3, max_length=args.max_length, device="cpu", precision="fp32"),
         lora=LoraConfig(r=8, alpha=16, dropout=0.0), output=work / "unused",
     )
     init, fp = initial_adapter(base_cfg)
@@ -98,18 +102,16 @@ def main() -> None:
     def federate(name: str, cfg: FederateConfig, nodes: dict[str, list[Path]], poison: str | None = None, batch: int | None = None) -> dict:
         g = dict(init)
         opt: dict = {}
-        secs, up, down, trunc = [], [], [], []
+        secs, trunc = [], []
         if batch:
             cfg = cfg.model_copy(update={"local": cfg.local.model_copy(update={"batch_size": batch})})
         for rnd in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
             states, tokens = [], []
-            down.append(ArrayRecord(torch_state_dict=g).count_bytes())
             for org, files in nodes.items():
                 sent, m = local_train(cfg, g, rnd, files, None, fp)
                 if org == poison:  # a faulty/malicious node: its update scaled ×50
                     sent = {k: g[k] + 50 * (v - g[k]) for k, v in sent.items()}
-                up.append(ArrayRecord(torch_state_dict=sent).count_bytes())
                 full = dict(g)
                 full.update(sent)
                 states.append(full)
@@ -121,79 +123,100 @@ def main() -> None:
             secs.append(time.perf_counter() - t0)
             print(f"  {name} round {rnd}: {secs[-1]:.1f} s {json.dumps({k: v for k, v in rep.items() if k != 'update_norms'})}", flush=True)
         res = evaluate(cfg, g)
-        res.update({"round_s": statistics.median(secs), "bytes_up": statistics.median(up), "bytes_down": statistics.median(down),
-                    "truncation": max(trunc) if trunc else None})
+        res.update({"round_s": statistics.median(secs), "truncation": max(trunc) if trunc else None})
         print(f"{name}: {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()})}", flush=True)
         return res
 
     t_start = time.time()
-    results: dict[str, dict] = {"base": evaluate(base_cfg, init)}
-    print("base:", results["base"], flush=True)
-    for o in ORGS:
-        results[f"alone: {o}"] = federate(f"alone {o}", base_cfg, {o: [train[o]]})
-    results["pooled"] = federate("pooled", base_cfg, {"all": [train[o] for o in ORGS]}, batch=3 * base_cfg.local.batch_size)
-    all_nodes = {o: [train[o]] for o in ORGS}
-    for strat in ("fedavg", "exact", "ffa"):
-        results[f"federated: {strat}"] = federate(strat, base_cfg.model_copy(update={"strategy": strat}), all_nodes)
-    ffa = base_cfg.model_copy(update={"strategy": "ffa"})
-    robust = ffa.model_copy(update={"aggregator": AggregatorConfig(rule="median", clip_norm="auto")})
-    if args.naive_poison:
-        results["poisoned ×50: ffa, mean"] = federate("poisoned mean", ffa, all_nodes, poison="bank")
-    results["poisoned ×50: ffa, median + clip"] = federate("poisoned robust", robust, all_nodes, poison="bank")
-    minutes = (time.time() - t_start) / 60
-
     stored = get_model(args.model)
     model_bytes = sum(f.stat().st_size for f in stored.path.glob("*.safetensors"))
+    # Bytes each way per node per round, measured on the real serialisation (no training needed).
+    wire = {s: (ArrayRecord(torch_state_dict={k: init[k] for k in exchanged_keys(s, init)}).count_bytes(),
+                ArrayRecord(torch_state_dict=init).count_bytes()) for s in ("fedavg", "exact", "ffa")}
+    all_nodes = {o: [train[o]] for o in ORGS}
+    ffa = base_cfg.model_copy(update={"strategy": "ffa"})
+    robust = ffa.model_copy(update={"aggregator": AggregatorConfig(rule="median", clip_norm="auto")})
+    # Most telling rows first: the report is rewritten after each, so a cut-short run still records.
+    plan = [("pooled", lambda: federate("pooled", base_cfg, {"all": [train[o] for o in ORGS]}, batch=3 * base_cfg.local.batch_size)),
+            ("federated: exact", lambda: federate("exact", base_cfg.model_copy(update={"strategy": "exact"}), all_nodes)),
+            ("federated: ffa", lambda: federate("ffa", ffa, all_nodes))]
+    plan += [(f"alone: {o}", (lambda o=o: federate(f"alone {o}", base_cfg, {o: [train[o]]}))) for o in ORGS]
+    plan += [("federated: fedavg", lambda: federate("fedavg", base_cfg.model_copy(update={"strategy": "fedavg"}), all_nodes)),
+             ("poisoned ×50: ffa, median + clip", lambda: federate("poisoned robust", robust, all_nodes, poison="bank"))]
+    if args.naive_poison:
+        plan.append(("poisoned ×50: ffa, mean", lambda: federate("poisoned mean", ffa, all_nodes, poison="bank")))
+    results: dict[str, dict] = {"base": evaluate(base_cfg, init)}
+    print("base:", results["base"], flush=True)
+    for name, run in plan:
+        results[name] = run()
+        md = report(args, results, [n for n, _ in plan], wire, model_bytes, (time.time() - t_start) / 60)
+        if not args.no_write:
+            write_section("federate", md)
+    print(md)
+
+
+def report(args, results: dict, planned: list[str], wire: dict, model_bytes: int, minutes: float) -> str:
+    from _report import command
+
     base = results["base"]["all"]
     gain = lambda r: base - r["all"]
-    pooled_gain = gain(results["pooled"])
+    pooled_gain = gain(results["pooled"]) if "pooled" in results else None
     rows = []
     for name, r in results.items():
         g = gain(r)
-        rows.append(f"| {name} | {r['all']:.4f} | {g:+.4f} | {100 * g / pooled_gain:.0f}% | "
+        rows.append(f"| {name} | {r['all']:.4f} | {g:+.4f} | " + (f"{100 * g / pooled_gain:.0f}%" if pooled_gain else "-") + " | "
                     + " | ".join(f"{r[o]:.4f}" for o in ORGS)
-                    + (f" | {r['bytes_up'] / 1e6:.2f} / {r['bytes_down'] / 1e6:.2f} MB | {100 * r['bytes_up'] / model_bytes:.2f}%" if "bytes_up" in r else " | - | -")
+                    + (f" | {r['round_s']:.0f} s" if "round_s" in r else " | -")
                     + (f" | {r['truncation']:.3f}" if r.get("truncation") is not None else " | -") + " |")
-    best_fed = max(gain(results["federated: exact"]), gain(results["federated: ffa"]))
-    clean = gain(results["federated: ffa"])
-    robust_keep = gain(results["poisoned ×50: ffa, median + clip"]) / clean if clean else float("nan")
-    naive = results.get("poisoned ×50: ffa, mean")
-    naive_txt = f" (naive mean: {100 * gain(naive) / clean:.0f}%)" if naive and clean else ""
-    alone_vs_fed = {o: (results[f"alone: {o}"]["all"], min(results[f"federated: {s}"]["all"] for s in ("exact", "ffa"))) for o in ORGS}
-    every_gains = all(f < a for a, f in alone_vs_fed.values())
-    own = {o: (results[f"alone: {o}"][o], min(results[f"federated: {s}"][o] for s in ("exact", "ffa"))) for o in ORGS}
-    up_pct = max(100 * results[f"federated: {s}"]["bytes_up"] / model_bytes for s in ("fedavg", "exact", "ffa"))
+    missing = [n for n in planned if n not in results]
 
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
-    md = f"""### Federated LoRA (`plural federate`): alone vs federated vs pooled
+    def have(*names: str) -> bool:
+        return all(n in results for n in names)
+
+    targets = []
+    fed = [n for n in ("federated: exact", "federated: ffa") if n in results]
+    if fed and pooled_gain:
+        best = max(gain(results[n]) for n in fed)
+        targets.append(f"- federated exact or ffa reaches ≥ 95% of the pooled improvement: {100 * best / pooled_gain:.0f}% — {mark(best >= 0.95 * pooled_gain)};")
+    if fed and have(*(f"alone: {o}" for o in ORGS)):
+        alone_vs = {o: (results[f"alone: {o}"]["all"], min(results[n]["all"] for n in fed)) for o in ORGS}
+        own = {o: (results[f"alone: {o}"][o], min(results[n][o] for n in fed)) for o in ORGS}
+        targets.append("- every organisation gains over training alone (held-out loss on all organisations' data, alone → best of exact/ffa): "
+                       + ", ".join(f"{o} {a:.4f} → {f:.4f}" for o, (a, f) in alone_vs.items()) + f" — {mark(all(f < a for a, f in alone_vs.values()))}; "
+                       + "on its own eval set only: " + ", ".join(f"{o} {a:.4f} → {f:.4f}" for o, (a, f) in own.items()) + ";")
+    up = max(w[0] for w in wire.values())
+    targets.append(f"- bytes per round per node ≤ 2% of the full model: node → server {', '.join(f'{s} {w[0] / 1e6:.2f} MB' for s, w in wire.items())}, "
+                   f"server → node {wire['exact'][1] / 1e6:.2f} MB; at most {100 * max(up, wire['exact'][1]) / model_bytes:.2f}% of the {model_bytes / 1e6:.0f} MB model — "
+                   f"{mark(max(up, wire['exact'][1]) <= 0.02 * model_bytes)};")
+    if have("federated: ffa", "poisoned ×50: ffa, median + clip"):
+        clean = gain(results["federated: ffa"])
+        keep = gain(results["poisoned ×50: ffa, median + clip"]) / clean
+        naive = results.get("poisoned ×50: ffa, mean")
+        naive_txt = f" (plain mean: {100 * gain(naive) / clean:.0f}%)" if naive else ""
+        targets.append(f"- with the bank's update scaled ×50, robust aggregation keeps ≥ 90% of the clean (ffa) improvement: {100 * keep:.0f}%{naive_txt} — {mark(keep >= 0.9)}.")
+    cut = (f"\n**Not measured** (the run was stopped before these rows: {', '.join(missing)}); "
+           f"targets that need them are omitted. Run the command above to complete the table.\n") if missing else ""
+    return f"""### Federated LoRA (`plural federate`): alone vs federated vs pooled
 
 `{command()}` — SmolLM2-135M-Instruct, LoRA r=8 on all projections, {args.rounds} rounds × {args.steps} local steps
-(batch {args.batch} × {args.max_length} tokens, lr 2e-3), three organisations with non-IID data (`examples/federate/orgs`: clinic,
-bank and a French town hall). Held-out loss per trained token on the union of the three eval sets (and per
-organisation); improvement is over the base model; pooled = one trainer on all the data with 3 × the
-batch (the three nodes' tokens per step; same sequential steps and compute as the federation). Each run is the real node and server code
-(`client.local_train`, `strategy.aggregate_round`) in one process; bytes are the serialised Flower
-`ArrayRecord` per node per round (up = node → server, down = server → node), against the base model's
-{model_bytes / 1e6:.0f} MB of safetensors. One seed per row; total {minutes:.0f} min.
+(batch {args.batch} × {args.max_length} tokens, lr 2e-3, fp32), three organisations with non-IID data
+(`examples/federate/orgs`: clinic, bank and a French town hall). Held-out loss per trained token on the first
+{args.eval_examples} eval examples of each organisation (all three together, and per organisation); improvement is over
+the base model; pooled = one trainer on all the data with 3 × the batch (per step the three nodes' tokens: the same
+sequential steps and compute as the federation). Each run is the real node and server code (`client.local_train`,
+`strategy.aggregate_round`) in one process; bytes are the serialised Flower `ArrayRecord`s. One seed per row;
+{minutes:.0f} min so far.
 
-| run | held-out loss | improvement | of pooled | {' | '.join(ORGS)} | bytes/round/node up / down | up vs model | truncation error |
-|---|---|---|---|{'---|' * len(ORGS)}---|---|---|
+| run | held-out loss | improvement | of pooled | {' | '.join(ORGS)} | s/round (median) | truncation error |
+|---|---|---|---|{'---|' * len(ORGS)}---|---|
 {chr(10).join(rows)}
-
+{cut}
 Targets:
-- federated exact or ffa reaches ≥ 95% of the pooled improvement: {100 * best_fed / pooled_gain:.0f}% — {mark(best_fed >= 0.95 * pooled_gain)};
-- every organisation gains over training alone (held-out loss on all organisations' data, alone → best of exact/ffa):
-  {', '.join(f'{o} {a:.4f} → {f:.4f}' for o, (a, f) in alone_vs_fed.items())} — {mark(every_gains)};
-  on its own eval set only: {', '.join(f'{o} {a:.4f} → {f:.4f}' for o, (a, f) in own.items())};
-- bytes per round per node ≤ 2% of the full model: {up_pct:.2f}% — {mark(up_pct <= 2)};
-- with the bank's update scaled ×50, robust aggregation keeps ≥ 90% of the clean (ffa) improvement:
-  {100 * robust_keep:.0f}%{naive_txt} — {mark(robust_keep >= 0.9)}.
+{chr(10).join(targets)}
 """
-    print(md)
-    if not args.no_write:
-        write_section("federate", md)
 
 
 if __name__ == "__main__":
