@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="training steps per adapter")
     ap.add_argument("--work", type=Path, default=Path("/tmp/plural-eval-bench"))
+    ap.add_argument("--limit", type=int, default=None, help="items per suite in the full evaluation (default: all)")
+    ap.add_argument("--sxs-limit", type=int, default=None, help="items per suite in the side-by-side timings (default: all)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     print("$", command(), flush=True)
@@ -106,7 +108,7 @@ def main() -> None:
     from plural.generation import load_for_inference
 
     adapters = train_adapters(args.work, args.steps)
-    cfg = EvalConfig(adapters=[str(a) for a in adapters])
+    cfg = EvalConfig(adapters=[str(a) for a in adapters], limit=args.limit)
 
     # 2. the full evaluation
     walls, reports = [], []
@@ -137,7 +139,7 @@ def main() -> None:
     rl = [timed(reloading)[0] for _ in range(args.repeats)]
 
     # 3b. log-likelihood suites, base model: batched vs one item per forward
-    suites = {s.name: s for s in load_suites(cfg)}
+    suites = {s.name: s for s in load_suites(cfg.model_copy(update={"limit": args.sxs_limit}))}
     ll_suites = [s for s in suites.values() if s.kind in ("perplexity", "choice", "preference")]
     model, tok, _ = load_variants(EvalConfig(), [Variant("base", None)])
 
@@ -162,15 +164,15 @@ def main() -> None:
     load_avg = os.getloadavg()[0]
     body = f"""Command: `{command()}` (adapters: {len(adapters)} LoRA adapters, r = 8/16/16 on q/k/v/o, {args.steps} AdamW steps each on the demo data).
 
-**Base + 3 adapters on every bundled suite** ({len(rep['suites'])} suites, {n_items} items, SmolLM2-135M fp32, greedy):
+**Base + 3 adapters on every bundled suite** ({len(rep['suites'])} suites, {n_items} items{f" (first {args.limit} of each)" if args.limit else ""}, SmolLM2-135M fp32, greedy):
 {', '.join(f'{w:.1f} s' for w in walls)} wall ({'median ' + format(med(walls), '.1f') + ' s; ' if len(walls) > 1 else ''}target: under 300 s);
-same numbers in every run: **{'yes' if identical else 'NO'}**. Load average at the end: {load_avg:.1f}.
+same numbers in every run: **{'yes' if identical else 'NO'}**. Load average (1 min) at the end: {load_avg:.1f}; torch threads: {torch.get_num_threads()}.
 
 | suite | kind | items | seconds (4 variants) |
 |---|---|---:|---:|
 """ + "\n".join(f"| {s['name']} | {s['kind']} | {s['items']} | {per_suite[s['name']]:.1f} |" for s in rep["suites"]) + f"""
 
-**Side by side** (medians of {args.repeats}; generation: one run each):
+**Side by side** (medians of {args.repeats}; generation: one run each{f"; first {args.sxs_limit} items of each suite" if args.sxs_limit else ""}):
 
 | step | plural eval | naive alternative | speed-up |
 |---|---:|---:|---:|
