@@ -1,7 +1,7 @@
 """`plural tune` vs a plain TRL `SFTTrainer` with its default settings, side by side.
 
 Same model (SmolLM2-135M-Instruct from the store), same data (examples/support), same LoRA
-settings (r 16, alpha 32, dropout 0.05, all linear projections), same number of epochs (TRL's
+settings (r 16, alpha 32, dropout 0, all linear projections), same number of epochs (TRL's
 default, 3). Each system trains in its own process (so peak RAM is its own), alternating order
 over several runs; figures are medians.
 
@@ -66,7 +66,7 @@ def worker_trl(out: Path, epochs: float) -> dict:
     ds = load_dataset("json", data_files=str(TRAIN), split="train")
     args = SFTConfig(output_dir=str(out / "trainer"), num_train_epochs=epochs, report_to=[], save_strategy="no",
                      use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
     # count what the trainer will see: non-padding tokens and loss-carrying tokens per epoch
     data_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
@@ -117,7 +117,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {"plural": [], "trl": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.runs):
-            order = ["plural", "trl"] if r % 2 == 0 else ["trl", "plural"]
+            order = ["trl", "plural"] if r % 2 == 0 else ["plural", "trl"]
             for name in order:
                 out = Path(tmp) / f"{name}-{r}"
                 p = subprocess.run([sys.executable, __file__, "--worker", name, "--out", str(out), "--epochs", str(a.epochs)],

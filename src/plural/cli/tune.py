@@ -31,7 +31,7 @@ def tune(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly where its last checkpoint left off."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (torchrun; DDP on gloo for CPU, nccl for GPUs)."),
 ) -> None:
-    """Train a LoRA adapter (methods: sft, text)."""
+    """Train a LoRA adapter (methods: sft, text, dpo, orpo)."""
     from plural import tune as tune_core
     from plural.config import load_config
     from plural.tune.config import TuneConfig

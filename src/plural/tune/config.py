@@ -4,7 +4,7 @@
     init_adapter: runs/sft/adapter   # dpo / orpo: start from this (SFT) adapter
     model: smollm2-135m-instruct     # a model in the store
     data: {train: [a.jsonl], eval: b.jsonl, max_length: 512, packing: true}
-    lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: [...]}
+    lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: [...]}
     train: {epochs: 3, batch_size: 4, grad_accum: 1, lr: 2e-4, precision: auto, save_every: 50, ...}
     preference: {beta: 0.1}          # dpo / orpo only
     output: runs/NAME                # the run folder
@@ -41,7 +41,8 @@ class DataConfig(Strict):
 class LoraConfig(Strict):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    # 0 by default: on CPU the dropout masks cost ~12% of a step (profiled) for little gain on small data
+    dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
 
 
