@@ -10,9 +10,9 @@ from pathlib import Path
 from plural.data.chat import IGNORE, Encoded, encode_chat, encode_text
 from plural.data.records import NO_TRAINABLE, TOO_LONG, Issue, completion_text, prompt_messages, read_records
 
-# Measured trained-token throughput of `plural tune` for SmolLM2-135M on 2 CPU cores (bf16 autocast,
+# Measured data-token throughput (median) of `plural tune` for SmolLM2-135M on 2 CPU cores (bf16 autocast,
 # packing; docs/benchmarks.md), used to estimate training time. Scaled by parameters and cores.
-REF_TOKENS_PER_S = 900.0
+REF_TOKENS_PER_S = 246.0
 REF_PARAMS = 135e6
 REF_CORES = 2
 
