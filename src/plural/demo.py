@@ -74,8 +74,8 @@ def compare(adapter: Path, eval_file: Path, out: Console, n: int) -> None:
     prompts = pick_prompts(eval_file, n)
     qs = [q for q, _ in prompts]
     with model.disable_adapter():
-        base = generate(model, tok, qs, max_new_tokens=64)
-    tuned = generate(model, tok, qs, max_new_tokens=64)
+        base = generate(model, tok, qs, max_new_tokens=48)
+    tuned = generate(model, tok, qs, max_new_tokens=48)
     t = Table("question", "base SmolLM2", "with the Velora adapter", "reference", show_lines=True)
     for (q, ref), b, a in zip(prompts, base, tuned):
         t.add_row(q, b, a, ref)
