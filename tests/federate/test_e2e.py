@@ -101,7 +101,7 @@ def test_federation_survives_node_loss_and_server_restart(tmp_path, tiny_model):
     assert fed_block["rounds"] == 3 and fed_block["strategy"] == "exact" and fed_block["privacy"] is None
     per_org = {n["org"]: n["rounds"] for n in fed_block["nodes"]}
     assert per_org["beta"] == 2 and per_org["alpha"] == len([r for r in orgs.values() if "alpha" in r])
-    assert man["metrics"]["eval_loss"] > 0 and set(man["metrics"]["eval_loss_per_org"]) == {"alpha", "beta"}
+    assert man["metrics"]["eval_loss"] > 0 and set(man["metrics"]["eval_loss_per_org"]) == set(orgs[3])
     w = load_adapter_weights(out / "adapter")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in w.items())
     model, _, stored = load_model(tiny_model)
