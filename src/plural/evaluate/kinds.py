@@ -260,7 +260,7 @@ def read_preference(obj: dict, where: str) -> dict:
     return out
 
 
-def _answer_request(scorer, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
+def answer_request(scorer, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) of a rendered conversation: the answer with its end-of-turn token."""
     prompt = scorer.chat_prompt(messages)
     full = scorer.tok.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
@@ -273,7 +273,7 @@ def score_preference(scorer, suite: Suite) -> SuiteScores:
     """accuracy: log p(chosen) > log p(rejected) (ties count half); margin: mean of the difference (nats)."""
     reqs = []
     for it in suite.items:
-        reqs += [_answer_request(scorer, it["messages"], it["chosen"]), _answer_request(scorer, it["messages"], it["rejected"])]
+        reqs += [answer_request(scorer, it["messages"], it["chosen"]), answer_request(scorer, it["messages"], it["rejected"])]
     lls = scorer.loglikelihood(reqs)
     acc, margin, samples = [], [], []
     for j, it in enumerate(suite.items):

@@ -37,6 +37,7 @@ from pydantic import Field
 from plural.config import Strict
 from plural.errors import PluralError
 from plural.evaluate.suites import Kind, Metric, Suite, SuiteScores
+from plural.evaluate.kinds import answer_request
 
 # Built-in phrases (lower case, matched as substrings) that mark a refusal or a redirect. A
 # profile's `markers:` adds to these for its own wording.
@@ -158,15 +159,6 @@ def _with_system(msgs: list[dict], system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] + msgs if system and msgs[0]["role"] != "system" else msgs
 
 
-def _answer_request(scorer, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids) as the model sees them: the answer with the template's end-of-turn."""
-    prompt = scorer.chat_prompt(messages)
-    full = scorer.tok.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
-    if not full.startswith(prompt):
-        raise PluralError("the model's chat template does not render the prompt as a prefix of the conversation")
-    return scorer.split_pair(prompt, full[len(prompt):].rstrip("\n"))
-
-
 def score(scorer, suite: Suite) -> SuiteScores:
     opts: ValuesOptions = suite.options or ValuesOptions()
     items = suite.items
@@ -180,7 +172,7 @@ def score(scorer, suite: Suite) -> SuiteScores:
         reqs = []
         for i in pairs:
             msgs = _with_system(items[i]["messages"], opts.system.get(items[i]["language"]))
-            reqs += [_answer_request(scorer, msgs, items[i]["chosen"]), _answer_request(scorer, msgs, items[i]["rejected"])]
+            reqs += [answer_request(scorer, msgs, items[i]["chosen"]), answer_request(scorer, msgs, items[i]["rejected"])]
         lls = scorer.loglikelihood(reqs)
         for j, i in enumerate(pairs):
             good, bad = lls[2 * j], lls[2 * j + 1]
