@@ -16,7 +16,7 @@ import pytest
 
 from plural.federate import checkpoint, protocol
 from plural.federate.config import FederateConfig, LocalConfig
-from plural.federate.launcher import LocalFederation, follow, submit, wait_for_nodes
+from plural.federate.launcher import LocalFederation, all_runs, follow, submit, wait_for_nodes
 from plural.tune.config import LoraConfig
 
 pytestmark = pytest.mark.e2e
@@ -73,6 +73,9 @@ def test_federation_survives_node_loss_and_server_restart(tmp_path, tiny_model):
         client = fed.client()
         wait_for_nodes(client, 2, 120, fed.alive)  # alpha reconnects by itself
         run_id = submit(client, cfg.model_copy(update={"resume": True}))
+        # The killed run is still "running" in the restarted superlink's database; resuming stopped
+        # it, so no node spends round 3 on messages nobody collects.
+        assert [s for r, s in all_runs(client).items() if r != run_id] == ["finished:stopped"]
         status = follow(client, run_id, lines.append, alive=fed.alive, poll=0.5)
     finally:
         fed.stop()
@@ -110,7 +113,9 @@ def test_federation_survives_node_loss_and_server_restart(tmp_path, tiny_model):
     # Every message that reached or left a node: only adapter tensors and allowlisted scalars.
     audit = [json.loads(l) for f in sorted((tmp_path / "flower" / "audit").glob("*.jsonl")) for l in f.read_text().splitlines()]
     sent = [m for m in audit if m["direction"] == "sent" and not m["error"]]
-    assert len(sent) >= 5 + 2  # 5 train replies (2 + 1 + 2) and the final evaluate replies
+    # Every train reply of the three rounds plus the final evaluate replies (alpha may also have
+    # answered the killed run's round-3 message before the superlink went down, hence >=).
+    assert len(sent) >= sum(map(len, orgs.values())) + len(man["metrics"]["eval_loss_per_org"])
     lora_shapes = {k: list(v.shape) for k, v in w.items()}
     for m in audit:
         if m["error"]:

@@ -186,6 +186,8 @@ def submit(client, cfg: FederateConfig) -> int:
     from flwr.proto.control_pb2 import StartRunRequest
     from flwr.supercore.fab import Fab
 
+    if cfg.resume:
+        stop_stale_runs(client)
     fab_bytes, _ = build_fab_from_files({"pyproject.toml": app_pyproject(cfg)})
     fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
     try:
@@ -197,14 +199,37 @@ def submit(client, cfg: FederateConfig) -> int:
     return res.run_id
 
 
+def stop_stale_runs(client) -> list[int]:
+    """Stop unfinished plural runs left in a restarted superlink's database.
+
+    Their ServerApp died with the superlink, but their queued messages would still be pulled by
+    the nodes, which would then spend a round's work on a run nobody collects. Returns the ids."""
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    stale = [rid for rid, run in client.ListRuns(ListRunsRequest()).run_dict.items()
+             if run.fab_id.endswith("/plural-federate") and not run.status.status.startswith("finished")]
+    for rid in stale:
+        stop_run(client, rid)
+    return stale
+
+
+def all_runs(client) -> dict[int, str]:
+    """Every run the superlink knows, with its status as `run_status` spells it."""
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    return {rid: _status(run) for rid, run in client.ListRuns(ListRunsRequest()).run_dict.items()}
+
+
+def _status(run) -> str:
+    st = run.status
+    return f"{st.status}:{st.sub_status}" if st.sub_status else st.status
+
+
 def run_status(client, run_id: int) -> str:
     """'pending' | 'starting' | 'running' | 'finished:completed' | 'finished:failed' | …"""
     from flwr.proto.control_pb2 import ListRunsRequest
 
-    res = client.ListRuns(ListRunsRequest(run_id=run_id))
-    run = res.run_dict[run_id]
-    st = run.status
-    return f"{st.status}:{st.sub_status}" if st.sub_status else st.status
+    return _status(client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id])
 
 
 def online_nodes(client) -> int:
