@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# peft probes the deprecated `is_gradient_checkpointing` on every adapter it wraps (peft 0.21,
+# transformers 5); the warning is theirs to fix and says nothing to a plural user.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 import typer
 from rich.console import Console
