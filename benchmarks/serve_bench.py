@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import os
 import statistics
 import subprocess
@@ -270,14 +271,28 @@ def llamacpp(adapters, msgs, n_req, workdir):
     cfg = model.config
     del model
     ggufs = [to_gguf_lora(p, workdir / f"{p.name}.gguf", cfg.num_attention_heads, cfg.num_key_value_heads) for p in adapters]
-    llm = Llama(model_path=str(bundled_gguf()), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    # llama-cpp-python 0.3.36 segfaults in its first decode when the weights are repacked for AMX
+    # (the "extra buffer types"; this Xeon has AMX), with or without an adapter. Llama() exposes no
+    # switch for it, so its default model parameters are wrapped to load plain CPU buffers.
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = no_repack
+    try:
+        llm = Llama(model_path=str(bundled_gguf()), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
     handles = [llama_cpp.llama_adapter_lora_init(llm._model.model, str(g).encode()) for g in ggufs]
     assert all(handles), "llama.cpp refused a converted adapter"
     eos = llm.token_eos()
 
     def run(i, adapter):
         arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
-        scale = (llama_cpp.c_float * 1)(1.0)
+        scale = (ctypes.c_float * 1)(1.0)
         llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, arr, 1, scale)
         llm.reset()  # its prompt cache is not keyed by adapter: never reuse KV across adapters
         t0 = time.perf_counter()
