@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from plural.errors import PluralError
-from plural.serve.lora import module_shapes
+from plural.serve.lora import GROUPS, module_shapes
 
 
 def check_supported(config) -> None:
@@ -80,25 +80,25 @@ class LlamaRunner:
         self.scale = self.head_dim ** -0.5
 
     def _norm(self, x, weight):
-        # As LlamaRMSNorm: statistics in fp32, result cast back, then the weight.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * xf.to(x.dtype)
+        # LlamaRMSNorm's math in one fused op (statistics in fp32 for bf16/fp16 inputs; the weight is
+        # applied before the single rounding, where transformers rounds before and after it).
+        return F.rms_norm(x, weight.shape, weight, self.eps)
 
-    def _proj(self, x, weight, mods, lora, layer):
+    def _proj(self, x, weight, group, lora, layer):
         """x [n, T, in] @ fused weight^T, plus each targeted module's per-row LoRA delta on its slice."""
         y = x @ weight.T
-        for mod in mods:
-            fac = lora.get(mod)
-            if fac is not None:
-                at, bt = fac[0][layer], fac[1][layer]  # [n, in, r], [n, r, out]
+        fac = lora.get(group)
+        if fac is not None:
+            a, parts = fac  # see LoraSlots.gather: float32 factors
+            t = torch.bmm(x.float(), a[layer])  # [n, T, R]: every targeted module's x A^T at once
+            for mod, c0, c1, b in parts:
                 off = self.offset[mod]
-                y[..., off:off + self.width[mod]] += torch.bmm(torch.bmm(x, at), bt)
+                y[..., off:off + self.width[mod]].add_(torch.bmm(t[..., c0:c1], b[layer]))
         return y
 
     @staticmethod
     def _rope(x, cos, sin):
-        # x [n, h, T, d]; cos/sin [n, 1, T, d]; rotate_half as in transformers.
+        # x [n, T, heads, d]; cos/sin [n or 1, T, 1, d]; rotate_half as in transformers.
         d = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., d:], x[..., :d]], dim=-1) * sin
 
@@ -107,18 +107,18 @@ class LlamaRunner:
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         for i, lw in enumerate(self.layers):
             h = self._norm(x, lw["ln1"])
-            qkv = self._proj(h, lw["qkv"], ("q_proj", "k_proj", "v_proj"), lora, i)
-            q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
-            q = self._rope(q.view(n, T, H, D).transpose(1, 2), cos, sin)
-            k = self._rope(k.view(n, T, KV, D).transpose(1, 2), cos, sin)
+            qkv = self._proj(h, lw["qkv"], GROUPS[0], lora, i)
+            qk, v = qkv.split([(H + KV) * D, KV * D], dim=-1)
+            qk = self._rope(qk.view(n, T, H + KV, D), cos, sin)  # q and k heads rotated together
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
             v = v.view(n, T, KV, D).transpose(1, 2)
             o = attend(i, q, k, v)  # [n, H, T, D]
             o = o.transpose(1, 2).reshape(n, T, H * D)
-            x = x + self._proj(o, lw["o"], ("o_proj",), lora, i)
+            x = x + self._proj(o, lw["o"], GROUPS[1], lora, i)
             h = self._norm(x, lw["ln2"])
-            gu = self._proj(h, lw["gate_up"], ("gate_proj", "up_proj"), lora, i)
+            gu = self._proj(h, lw["gate_up"], GROUPS[2], lora, i)
             g, u = gu.chunk(2, dim=-1)
-            x = x + self._proj(F.silu(g) * u, lw["down"], ("down_proj",), lora, i)
+            x = x + self._proj(F.silu(g) * u, lw["down"], GROUPS[3], lora, i)
         return self._norm(x, self.final_norm)
 
     @torch.inference_mode()
@@ -126,7 +126,7 @@ class LlamaRunner:
         """Prompts ids [n, T] (right-padded; lengths [n]) into KV rows kv_rows [n]; logits of each last token [n, V]."""
         n, T = ids.shape
         x = self.embed[ids]
-        cos, sin = self.cos[:T][None, None], self.sin[:T][None, None]
+        cos, sin = self.cos[:T][None, :, None], self.sin[:T][None, :, None]  # [1, T, 1, D]
 
         def attend(i, q, k, v):
             # Causal attention within each prompt: padding sits after a row's last token, so it never

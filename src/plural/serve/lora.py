@@ -36,6 +36,10 @@ class AdapterWeights:
     nbytes: int = field(default=0)
 
 
+# Projections that share an input and run as one fused base matmul in `llama.py` (in this order).
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
 def module_shapes(config) -> dict[str, tuple[int, int]]:
     """(out, in) of each LoRA-targetable Llama projection."""
     h, d = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -135,10 +139,16 @@ class LoraSlots:
         self.modules[slot] = set()
         self.rank[slot] = 0
 
-    def gather(self, idx: list[int], device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per module some row's adapter targets: each row's factors At [L, n, in, r], Bt [L, n, r, out].
+    def gather(self, idx: list[int], device: torch.device) -> dict[tuple[str, ...], tuple[torch.Tensor, list]]:
+        """Each row's factors, per fused projection (`GROUPS`) that some row's adapter targets:
 
-        r = the largest rank among the rows (zero-padded), so no work is spent on unused rank columns.
+            {group: (A [L, n, in, R], [(module, c0, c1, B [L, n, c1 - c0, out]), ...])}
+
+        A holds the group's targeted modules' A^T side by side (columns c0:c1 belong to `module`), so
+        one batched matmul per layer gives every module's x·A^T; r = the largest rank among the rows
+        (zero-padded), so no work is spent on unused rank columns. The gathered factors are float32:
+        these matmuls are tiny ([n, T, in] x [in, r]), and for such shapes CPU bf16 kernels cost
+        ~4x their fp32 equivalents (measured: 212 vs 55 us per layer for q+v at 16 rows).
         Gathered once per change of batch composition, not per step; decoding reuses it.
         """
         mods = set().union(*(self.modules[s] for s in idx))
@@ -146,4 +156,12 @@ class LoraSlots:
             return {}
         r = max(self.rank[s] for s in idx)
         ix = torch.tensor(idx, device=device)
-        return {m: (self.at[m][:, :, :, :r].index_select(1, ix), self.bt[m][:, :, :r].index_select(1, ix)) for m in sorted(mods)}
+        out = {}
+        for group in GROUPS:
+            targeted = [m for m in group if m in mods]
+            if not targeted:
+                continue
+            a = torch.cat([self.at[m][:, :, :, :r].index_select(1, ix) for m in targeted], dim=-1).float()
+            parts = [(m, j * r, (j + 1) * r, self.bt[m][:, :, :r].index_select(1, ix).float()) for j, m in enumerate(targeted)]
+            out[group] = (a, parts)
+        return out
