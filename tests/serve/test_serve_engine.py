@@ -104,3 +104,18 @@ def test_seeded_sampling_is_reproducible(tiny_engine):
     b = run_engine(eng, [(None, ids, p)])
     c = run_engine(eng, [(None, ids, SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=8))])
     assert a == b and a != c
+
+
+def test_fast_content_chunk_equals_the_pydantic_chunk():
+    import json
+
+    from plural.serve import protocol as P
+    from plural.serve.serving import _sse, content_chunk_writer
+
+    base = dict(id="chatcmpl-x", created=1700000000, model="m")
+    write = content_chunk_writer(base)
+    for i, text in [(0, "plain"), (3, 'quote " and \\ backslash\nnew line'), (1, "Grüße, ünïcode ✓")]:
+        ref = _sse(P.ChatCompletionChunk(**base, choices=[P.ChunkChoice(index=i, delta=P.ChunkDelta(content=text))]).model_dump())
+        fast = write(i, text)
+        assert fast.startswith("data: ") and fast.endswith("\n\n")
+        assert json.loads(fast[6:]) == json.loads(ref[6:])

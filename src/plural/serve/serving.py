@@ -134,7 +134,12 @@ class Serving:
         try:
             while left:
                 try:
-                    idx, ev = await asyncio.wait_for(job.queue.get(), timeout=max(0.0, deadline - time.monotonic()))
+                    if job.queue.empty():
+                        idx, ev = await asyncio.wait_for(job.queue.get(), timeout=max(0.0, deadline - time.monotonic()))
+                    else:  # already there: skip wait_for's per-call task (one per token per stream)
+                        idx, ev = job.queue.get_nowait()
+                        if time.monotonic() > deadline:
+                            raise asyncio.TimeoutError
                 except asyncio.TimeoutError:
                     raise APIError(503, f"request timed out after {self.state.settings.request_timeout:g} s "
                                         "(request_timeout)", type="server_error", code="timeout",
@@ -223,6 +228,8 @@ class Serving:
         def chunk(choices, usage=None) -> str:
             return _sse(P.ChatCompletionChunk(**base, choices=choices, usage=usage).model_dump())
 
+        text_chunk = content_chunk_writer(base)
+
         async for i, ev in _with_errors(self.events(job)):
             if isinstance(ev, APIError):
                 yield _sse(ev.body())
@@ -231,8 +238,10 @@ class Serving:
                 started[i] = True
                 yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(role="assistant", content=""))])
             lp = self.chat_logprobs(ev.logprobs) if req.logprobs and ev.logprobs else None
-            if ev.text or lp:
+            if lp:
                 yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(content=ev.text), logprobs=lp)])
+            elif ev.text:  # the common case, once per token per stream: no pydantic round trip
+                yield text_chunk(i, ev.text)
             if ev.finish_reason:
                 done_tokens[i] = ev.completion_tokens
                 yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(), finish_reason=ev.finish_reason)])
@@ -269,6 +278,20 @@ async def _with_errors(events):
             yield item
     except APIError as e:
         yield -1, e
+
+
+def content_chunk_writer(base: dict):
+    """(choice index, text) -> the SSE line of a content-only `chat.completion.chunk`, the same JSON
+    as `P.ChatCompletionChunk(**base, choices=[ChunkChoice(index, ChunkDelta(content=text))])`."""
+    head = json.dumps(P.ChatCompletionChunk(**base, choices=[]).model_dump(exclude={"choices", "usage", "system_fingerprint"}),
+                      ensure_ascii=False)[:-1]
+
+    def write(index: int, text: str) -> str:
+        return (f'data: {head}, "choices": [{{"index": {index}, "delta": {{"role": null, "content": '
+                f'{json.dumps(text, ensure_ascii=False)}}}, "logprobs": null, "finish_reason": null}}], '
+                f'"usage": null, "system_fingerprint": null}}\n\n')
+
+    return write
 
 
 def _sse(obj: dict) -> str:
