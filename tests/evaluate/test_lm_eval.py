@@ -50,8 +50,9 @@ def test_plural_model_matches_lm_eval_hf_on_the_same_weights(tiny_model, task_di
     assert all("\n" not in g for g in gen(ours))
 
 
-def test_plural_lm_eval_command_with_an_adapter(tiny_model, tiny_adapters, task_dir, tmp_path):
-    exe = Path(sys.executable).parent / "plural-lm-eval"
+def test_plain_lm_eval_command_runs_plural_with_an_adapter(tiny_model, tiny_adapters, task_dir, tmp_path):
+    # lm-eval's own command, unwrapped: `make install` put plural's registry hook (.pth) in place.
+    exe = Path(sys.executable).parent / "lm_eval"
     out = tmp_path / "out"
     r = subprocess.run([str(exe), "run", "--model", "plural", "--model_args", f"model={tiny_model},adapter={tiny_adapters[0]}",
                         "--tasks", "plural_choice", "--include_path", str(task_dir), "--output_path", str(out)],
@@ -60,3 +61,18 @@ def test_plural_lm_eval_command_with_an_adapter(tiny_model, tiny_adapters, task_
     res = json.loads(next(out.rglob("results_*.json")).read_text())
     assert 0.0 <= res["results"]["plural_choice"]["acc,none"] <= 1.0
     assert f"adapter={tiny_adapters[0]}" in res["config"]["model_args"] or str(tiny_adapters[0]) in json.dumps(res["config"])
+
+
+def test_registry_hook_is_lazy_and_keeps_lm_evals_own_types(tmp_path):
+    from plural.evaluate.lm_eval_hook import PTH_LINE, install_pth
+
+    pth = install_pth(tmp_path)
+    assert pth.read_text() == PTH_LINE
+    code = ("import site, sys; site.addsitedir(sys.argv[1]); "
+            "heavy = [m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules]; "
+            "from lm_eval.api.registry import get_model; "
+            "print(heavy, get_model('plural').__name__, get_model('hf').__name__)")
+    r = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["[]", "PluralLM", "HFLM"]
