@@ -204,10 +204,8 @@ def stop_stale_runs(client) -> list[int]:
 
     Their ServerApp died with the superlink, but their queued messages would still be pulled by
     the nodes, which would then spend a round's work on a run nobody collects. Returns the ids."""
-    from flwr.proto.control_pb2 import ListRunsRequest
-
-    stale = [rid for rid, run in client.ListRuns(ListRunsRequest()).run_dict.items()
-             if run.fab_id.endswith("/plural-federate") and not run.status.status.startswith("finished")]
+    stale = [rid for rid, run in _list_runs(client).items()
+             if run.fab_id.endswith("/plural-federate") and not _status(run).startswith("finished")]
     for rid in stale:
         stop_run(client, rid)
     return stale
@@ -215,21 +213,25 @@ def stop_stale_runs(client) -> list[int]:
 
 def all_runs(client) -> dict[int, str]:
     """Every run the superlink knows, with its status as `run_status` spells it."""
+    return {rid: _status(run) for rid, run in _list_runs(client).items()}
+
+
+def run_status(client, run_id: int) -> str:
+    """'pending' | 'starting' | 'running' | 'finished:completed' | 'finished:failed' | …"""
+    return _status(_list_runs(client, run_id)[run_id])
+
+
+def _list_runs(client, run_id: int | None = None) -> dict:
+    """The superlink's runs (protobuf `Run`s by id): all of them, or the one asked for."""
     from flwr.proto.control_pb2 import ListRunsRequest
 
-    return {rid: _status(run) for rid, run in client.ListRuns(ListRunsRequest()).run_dict.items()}
+    req = ListRunsRequest() if run_id is None else ListRunsRequest(run_id=run_id)
+    return client.ListRuns(req).run_dict
 
 
 def _status(run) -> str:
     st = run.status
     return f"{st.status}:{st.sub_status}" if st.sub_status else st.status
-
-
-def run_status(client, run_id: int) -> str:
-    """'pending' | 'starting' | 'running' | 'finished:completed' | 'finished:failed' | …"""
-    from flwr.proto.control_pb2 import ListRunsRequest
-
-    return _status(client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id])
 
 
 def online_nodes(client) -> int:
