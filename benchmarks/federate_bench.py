@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--naive-poison", action="store_true", help="also run the poisoned federation with the plain mean")
+    ap.add_argument("--server-lr", type=float, default=1.0,
+                    help="server step size η for the federated runs (exact: B_g·A_g + η·mean update; ffa/fedavg: w + η·Δ); pooled is a single trainer and keeps η = 1")
+    ap.add_argument("--only", default=None, help="comma-separated row names to run (e.g. 'pooled,federated: exact'); the report is not written")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -93,6 +96,7 @@ def main() -> None:
         lora=LoraConfig(r=8, alpha=16, dropout=0.0), output=work / "unused",
     )
     init, fp = initial_adapter(base_cfg)
+    fed_cfg = base_cfg.model_copy(update={"server_optimizer": base_cfg.server_optimizer.model_copy(update={"lr": args.server_lr})})
 
     def evaluate(cfg: FederateConfig, state: State) -> dict:
         per = {o: local_eval(cfg, state, evals[o], fp) for o in ORGS}
@@ -134,17 +138,21 @@ def main() -> None:
     wire = {s: (ArrayRecord(torch_state_dict={k: init[k] for k in exchanged_keys(s, init)}).count_bytes(),
                 ArrayRecord(torch_state_dict=init).count_bytes()) for s in ("fedavg", "exact", "ffa")}
     all_nodes = {o: [train[o]] for o in ORGS}
-    ffa = base_cfg.model_copy(update={"strategy": "ffa"})
+    ffa = fed_cfg.model_copy(update={"strategy": "ffa"})
     robust = ffa.model_copy(update={"aggregator": AggregatorConfig(rule="median", clip_norm="auto")})
     # Most telling rows first: the report is rewritten after each, so a cut-short run still records.
     plan = [("pooled", lambda: federate("pooled", base_cfg, {"all": [train[o] for o in ORGS]}, batch=3 * base_cfg.local.batch_size)),
-            ("federated: exact", lambda: federate("exact", base_cfg.model_copy(update={"strategy": "exact"}), all_nodes)),
+            ("federated: exact", lambda: federate("exact", fed_cfg.model_copy(update={"strategy": "exact"}), all_nodes)),
             ("federated: ffa", lambda: federate("ffa", ffa, all_nodes))]
     plan += [(f"alone: {o}", (lambda o=o: federate(f"alone {o}", base_cfg, {o: [train[o]]}))) for o in ORGS]
-    plan += [("federated: fedavg", lambda: federate("fedavg", base_cfg.model_copy(update={"strategy": "fedavg"}), all_nodes)),
+    plan += [("federated: fedavg", lambda: federate("fedavg", fed_cfg.model_copy(update={"strategy": "fedavg"}), all_nodes)),
              ("poisoned ×50: ffa, median + clip", lambda: federate("poisoned robust", robust, all_nodes, poison="bank"))]
     if args.naive_poison:
         plan.append(("poisoned ×50: ffa, mean", lambda: federate("poisoned mean", ffa, all_nodes, poison="bank")))
+    if args.only:
+        keep = {n.strip() for n in args.only.split(",")}
+        plan = [(n, r) for n, r in plan if n in keep]
+        args.no_write = True
     results: dict[str, dict] = {"base": evaluate(base_cfg, init)}
     print("base:", results["base"], flush=True)
     for name, run in plan:
@@ -202,7 +210,7 @@ def report(args, results: dict, planned: list[str], wire: dict, model_bytes: int
     return f"""### Federated LoRA (`plural federate`): alone vs federated vs pooled
 
 `{command()}` — SmolLM2-135M-Instruct, LoRA r=8 on all projections, {args.rounds} rounds × {args.steps} local steps
-(batch {args.batch} × {args.max_length} tokens, lr 2e-3, fp32), three organisations with non-IID data
+(batch {args.batch} × {args.max_length} tokens, lr 2e-3, fp32, server step η = {args.server_lr:g} for the federated rows), three organisations with non-IID data
 (`examples/federate/orgs`: clinic, bank and a French town hall). Held-out loss per trained token on the first
 {args.eval_examples} eval examples of each organisation (all three together, and per organisation); improvement is over
 the base model; pooled = one trainer on all the data with 3 × the batch (per step the three nodes' tokens: the same

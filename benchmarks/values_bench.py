@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs/values-bench")
     ap.add_argument("--text", type=Path, default=ROOT / "examples/eval/multilingual.jsonl")
     ap.add_argument("--reuse", action="store_true", help="keep trained adapters found in --work (re-evaluate only)")
-    ap.add_argument("--sft-epochs", type=float, default=2.0)
+    ap.add_argument("--sft-epochs", type=float, default=4.0)
     ap.add_argument("--dpo-epochs", type=float, default=1.0)
     ap.add_argument("--dpo-max-steps", type=int, default=None, help="stop DPO after this many steps (CPU time budget)")
     ap.add_argument("--system", action="store_true", help="also score every variant under the profile's system prompt")

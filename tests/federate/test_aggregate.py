@@ -69,6 +69,19 @@ def test_exact_is_the_mean_of_products_up_to_truncation():
     assert torch.allclose(agg.lora_product(new2, M), T([[0.75, 0.0], [0.0, 0.25]], dtype=torch.float64), atol=1e-6)
 
 
+def test_exact_server_step_scales_the_true_mean_update():
+    # Global B·A = diag(1, 0); nodes move it to diag(1, 1) and diag(1, 3): mean update diag(0, 2).
+    g = {KA: T([[1.0, 0.0], [0.0, 0.0]]), KB: T([[1.0, 0.0], [0.0, 0.0]])}
+    n1 = {KA: T([[1.0, 0.0], [0.0, 1.0]]), KB: T([[1.0, 0.0], [0.0, 1.0]])}
+    n2 = {KA: T([[1.0, 0.0], [0.0, 3.0]]), KB: T([[1.0, 0.0], [0.0, 1.0]])}
+    new, rep = agg.exact(g, [n1, n2], [1, 1], rank=2, server_lr=1.5)
+    # B_g·A_g + 1.5 · diag(0, 2) = diag(1, 3)
+    assert torch.allclose(agg.lora_product(new, M), T([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64), atol=1e-9)
+    assert rep["truncation_error"] == pytest.approx(0.0, abs=1e-9)
+    plain, _ = agg.exact(g, [n1, n2], [1, 1], rank=2)
+    assert torch.allclose(agg.lora_product(plain, M), T([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64), atol=1e-9)
+
+
 def test_fedavg_is_inexact_and_ffa_is_exact():
     g = st([[0.0], [0.0]], [[1.0, 1.0]])
     s1, s2 = st([[2.0], [0.0]], [[1.0, 0.0]]), st([[0.0], [2.0]], [[0.0, 1.0]])

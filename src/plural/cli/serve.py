@@ -40,6 +40,7 @@ def serve(
     config: Optional[Path] = typer.Option(None, "--config", help="Server settings (YAML): keys, tenants, admin key, limits."),
     profile: List[str] = typer.Option([], "--profile", help="MODEL_ID=PROFILE.yaml: use the value profile's system prompt for that model id when a request has none (repeatable)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int4 (CPU: 4-bit weights in llama.cpp's Q4_1 layout, ~3x less memory traffic per token)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Prompt + completion tokens per request."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Sequences decoded together."),
 ) -> None:
@@ -50,7 +51,7 @@ def serve(
     from plural.serve.settings import load_settings
 
     settings = load_settings(
-        config, model=model, adapters=_pairs(adapter, "--adapter", "PATH"), host=host, port=port, dtype=dtype,
+        config, model=model, adapters=_pairs(adapter, "--adapter", "PATH"), host=host, port=port, dtype=dtype, quantize=quantize,
         max_model_len=max_model_len, max_batch=max_batch,
         system_prompts=profile_prompts(_pairs(profile, "--profile", "PROFILE.yaml")),
     )

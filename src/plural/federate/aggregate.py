@@ -127,22 +127,29 @@ def lowrank_svd(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights:
     return Qb @ Uc, S, Qa @ Vch.T  # U [out, k], S [k], V [in, k]
 
 
-def exact(global_state: State, states: Sequence[State], weights: Sequence[float], rank: int) -> tuple[State, dict]:
+def exact(global_state: State, states: Sequence[State], weights: Sequence[float], rank: int,
+          server_lr: float = 1.0) -> tuple[State, dict]:
     """Mean of the products B_i·A_i, re-factorised to rank `rank` (balanced: B = U√S, A = √S Vᵀ).
 
+    With a server step size η ≠ 1 the target is B_g·A_g + η·(mean − B_g·A_g), the FedOpt server
+    step (SGD with learning rate η) applied to the true mean update; η = 1 is the plain mean.
+
     Returns (new state, report) with report["truncation_error"] = ‖M − M_r‖_F / ‖M − B_g·A_g‖_F
-    over all modules: the part of this round's true mean update that rank r cannot hold
-    (0 when the mean update fits in rank r).
+    over all modules: the part of this round's true (stepped) update that rank r cannot hold
+    (0 when the update fits in rank r).
     """
-    w = _normalised(weights).tolist()
+    w = (_normalised(weights) * server_lr).tolist()
     out = dict(global_state)
     lost2 = upd2 = 0.0
     for m in lora_modules(global_state):
         ka, kb = _key(global_state, m, LORA_A), _key(global_state, m, LORA_B)
-        U, S, V = lowrank_svd([s[kb] for s in states], [s[ka] for s in states], w)
+        Bs, As, ws = [s[kb] for s in states], [s[ka] for s in states], list(w)
+        if server_lr != 1.0:  # (1 − η)·B_g·A_g + η·Σ w_i B_i A_i
+            Bs, As, ws = Bs + [global_state[kb]], As + [global_state[ka]], ws + [1.0 - server_lr]
+        U, S, V = lowrank_svd(Bs, As, ws)
         lost2 += float(S[rank:].pow(2).sum())
         # ‖M − B_g A_g‖: the same low-rank trick with the global product subtracted.
-        _, Sd, _ = lowrank_svd([s[kb] for s in states] + [global_state[kb]], [s[ka] for s in states] + [global_state[ka]], w + [-1.0])
+        _, Sd, _ = lowrank_svd([s[kb] for s in states] + [global_state[kb]], [s[ka] for s in states] + [global_state[ka]], w + [-server_lr])
         upd2 += float(Sd.pow(2).sum())
         k = min(rank, S.numel())
         root = S[:k].sqrt()

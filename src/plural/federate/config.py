@@ -104,8 +104,8 @@ class FederateConfig(Strict):
             # statistics (robust rules, momentum, DP noise on A/B) would mix unrelated bases.
             if self.aggregator.rule != "mean" or self.aggregator.clip_norm is not None:
                 raise ValueError("strategy: exact aggregates the products B·A with the mean; for robust aggregation use strategy: ffa (also exact) or fedavg")
-            if self.server_optimizer.name != "none" or self.server_optimizer.lr != 1.0:
-                raise ValueError("strategy: exact works with server_optimizer: none; for FedAvgM/FedAdam use strategy: ffa or fedavg")
+            if self.server_optimizer.name != "none":
+                raise ValueError("strategy: exact works with server_optimizer: none (and its lr as the server step size); for FedAvgM/FedAdam use strategy: ffa or fedavg")
             if self.privacy is not None:
                 raise ValueError("privacy: differential privacy works with strategy: ffa or fedavg (noise on the exchanged tensors), not exact")
         if self.privacy is not None and self.aggregator.rule != "mean":

@@ -36,7 +36,7 @@ def aggregate_round(cfg: FederateConfig, global_state: State, states: Sequence[S
                     opt: dict[str, State], rnd: int) -> tuple[State, dict[str, State], dict]:
     """Returns (new global state, new optimiser state, report for the round's history)."""
     if cfg.strategy == "exact":
-        new, rep = agg.exact(global_state, states, tokens, cfg.lora.r)
+        new, rep = agg.exact(global_state, states, tokens, cfg.lora.r, cfg.server_optimizer.lr)
         return new, opt, rep
 
     keys = exchanged_keys(cfg.strategy, global_state)

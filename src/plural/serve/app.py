@@ -58,7 +58,7 @@ def build_state(app: FastAPI, settings: ServeSettings) -> None:
     s.engine = Engine(model, tok, max_batch=settings.max_batch, max_len=max_len, max_queue=settings.max_queue,
                       max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
                       cache_bytes=int(settings.adapter_cache_mb * 2**20), dtype=pick_dtype(settings.dtype, device),
-                      device=device, threads=settings.threads, metrics=s.metrics)
+                      device=device, threads=settings.threads, metrics=s.metrics, quantize=settings.quantize)
     roots = [adapters_dir(), *(Path(d) for d in settings.adapter_dirs)]
 
     def register_adapter(name: str, ref: str, confined: bool):

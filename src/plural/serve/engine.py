@@ -112,11 +112,11 @@ class Sequence:
 class Engine:
     def __init__(self, hf_model, tokenizer, *, max_batch: int, max_len: int, max_queue: int, max_loras: int,
                  max_lora_rank: int, cache_bytes: int, dtype: torch.dtype, device: torch.device,
-                 threads: int | None = None, metrics=None):
+                 threads: int | None = None, metrics=None, quantize: str = "none"):
         self.tok = tokenizer
         self.device = device
         self.max_len, self.max_queue, self.cache_bytes = max_len, max_queue, cache_bytes
-        self.runner = LlamaRunner(hf_model, rows=max_batch, max_len=max_len, dtype=dtype, device=device)
+        self.runner = LlamaRunner(hf_model, rows=max_batch, max_len=max_len, dtype=dtype, device=device, quantize=quantize)
         self.slots = LoraSlots(hf_model.config, max_loras, max_lora_rank, dtype, device)
         self.dtype = dtype
         self.threads = threads

@@ -12,7 +12,12 @@ transformers + PEFT in tests/serve) on weights taken from the HF model, with:
   torch's index_put took milliseconds per layer);
 - decode over rows 0..n-1 with each row at its own position (mask j <= pos[b]), so requests
   joining and leaving between steps need no re-padding or cache copies;
-- each row's LoRA delta from its own adapter (see `lora.py`).
+- each row's LoRA delta from its own adapter (see `lora.py`);
+- optionally (`quantize="int4"`, CPU) the projection weights kept as 4-bit groups of 32 with a
+  scale and an offset per group — llama.cpp's Q4_1 layout, so a model imported from a Q4_1 GGUF
+  is served with its own 4-bit codes — multiplied by torch's int4 CPU kernel
+  (`_weight_int4pack_mm_for_cpu`), and the output layer in int8. A one-row decode step reads
+  about a third of the bytes of bf16 and runs ~2.3x faster (SmolLM2-135M, 2 cores).
 """
 
 from __future__ import annotations
@@ -34,10 +39,96 @@ def check_supported(config) -> None:
         raise PluralError("the server's engine does not support attention_bias / mlp_bias Llama variants")
 
 
+QUANTIZE = ("none", "int4")
+
+
+class Int4Weight:
+    """A weight [out, in] as unsigned 4-bit codes in groups of `GROUP` input columns, each group
+    with its own scale and offset: w = scale·q + min (q in 0..15), the affine 4-bit scheme of
+    llama.cpp's Q4_1. Round-to-nearest from the float weight; a weight that came from Q4_1 (the
+    bundled GGUF) has every group's min and max on its grid, so its codes are recovered exactly
+    (checked on SmolLM2); only scale and offset are rounded from Q4_1's fp16 to the kernel's bf16.
+
+    `matmul(x)` is `x @ w.T` for x [..., in] (any float dtype; computed in bf16)."""
+
+    GROUP = 32
+
+    def __init__(self, w: torch.Tensor):
+        out, inp = w.shape
+        if inp % self.GROUP:
+            raise PluralError(f"quantize int4 needs input widths divisible by {self.GROUP}; this model has a projection of width {inp}")
+        g = w.detach().float().reshape(out, inp // self.GROUP, self.GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
+        # torch's kernel dequantises (q - 8)·scale + zero: so zero = min + 8·scale. [in/G, out, 2]
+        self.scales_zeros = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()
+        # The kernel's own blocked layout, and the same codes as plain nibble pairs [out, in/2] for
+        # `dequantize` (the kernel's cost grows with the rows it multiplies: past `KERNEL_ROWS` rows,
+        # a prefill, one bf16 matmul on the dequantised weight is faster).
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        self.nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        self.out, self.inp = out, inp
+        self.nbytes = self.packed.numel() + self.nibbles.numel() + self.scales_zeros.numel() * 2
+
+    KERNEL_ROWS = 32
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.inp).to(torch.bfloat16)
+        if x2.shape[0] <= self.KERNEL_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.GROUP, self.scales_zeros)
+        else:
+            y = x2 @ self.dequantize().T
+        return y.view(*lead, self.out).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [out, in] in bf16: (q − 8)·scale + zero per group, as the kernel computes it."""
+        n = self.nibbles
+        q = torch.stack([n & 15, n >> 4], dim=-1).view(self.out, self.inp // self.GROUP, self.GROUP)
+        sz = self.scales_zeros.float()
+        w = (q.float() - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
+        return w.view(self.out, self.inp).to(torch.bfloat16)
+
+
+class Int8Weight:
+    """A weight [out, in] as int8 with one bf16 scale per output row (symmetric), multiplied by
+    torch's int8 weight-only CPU kernel. Used for the output layer under `quantize: int4`. Measured
+    on SmolLM2-135M, teacher-forced over 400 tokens of README text, KL(bf16 ‖ quantised) of the
+    next-token distribution: 4-bit projections with a bf16 output layer 0.0021; with an int8 one
+    0.0045 (top-1 agreement 94.5%); with a 4-bit one 0.051 (83%). llama.cpp's Q4_1 files keep this
+    matrix at 8 bits (Q8_0) too."""
+
+    def __init__(self, w: torch.Tensor):
+        w = w.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        self.q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(torch.bfloat16)
+        self.out, self.inp = w.shape
+        self.nbytes = self.q.numel() + self.scale.numel() * 2
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.inp).to(torch.bfloat16), self.q, self.scale)
+        return y.view(*lead, self.out).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.q.float() * self.scale.float()[:, None]).to(torch.bfloat16)
+
+
+def _linear(x: torch.Tensor, w) -> torch.Tensor:
+    return w.matmul(x) if isinstance(w, (Int4Weight, Int8Weight)) else x @ w.T
+
+
 class LlamaRunner:
-    def __init__(self, hf_model, rows: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, hf_model, rows: int, max_len: int, dtype: torch.dtype, device: torch.device, quantize: str = "none"):
         cfg = hf_model.config
         check_supported(cfg)
+        if quantize not in QUANTIZE:
+            raise PluralError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+        if quantize == "int4" and (device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+            raise PluralError("quantize: int4 runs on CPU only (torch's int4 CPU kernel); on a GPU serve in bfloat16")
+        self.quantize = quantize
         self.cfg = cfg
         self.dtype, self.device = dtype, device
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -54,19 +145,22 @@ class LlamaRunner:
         def w(t):
             return t.detach().to(device=device, dtype=dtype).contiguous()
 
+        def mat(t):  # a projection / output weight: quantised when asked
+            return Int4Weight(t) if quantize == "int4" else w(t)
+
         m = hf_model.model
         self.embed = w(m.embed_tokens.weight)
-        self.lm_head = w(hf_model.lm_head.weight)
+        self.lm_head = Int8Weight(hf_model.lm_head.weight) if quantize == "int4" else w(hf_model.lm_head.weight)
         self.final_norm = w(m.norm.weight)
         self.layers = []
         for layer in m.layers:
             a, p = layer.self_attn, layer.mlp
             self.layers.append({
                 "ln1": w(layer.input_layernorm.weight), "ln2": w(layer.post_attention_layernorm.weight),
-                "qkv": w(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
-                "o": w(a.o_proj.weight),
-                "gate_up": w(torch.cat([p.gate_proj.weight, p.up_proj.weight])),
-                "down": w(p.down_proj.weight),
+                "qkv": mat(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                "o": mat(a.o_proj.weight),
+                "gate_up": mat(torch.cat([p.gate_proj.weight, p.up_proj.weight])),
+                "down": mat(p.down_proj.weight),
             })
         # RoPE tables [max_len, head_dim] from the model's own rotary module (honours rope scaling).
         rot = m.rotary_emb
@@ -86,7 +180,7 @@ class LlamaRunner:
 
     def _proj(self, x, weight, group, lora, layer):
         """x [n, T, in] @ fused weight^T, plus each targeted module's per-row LoRA delta on its slice."""
-        y = x @ weight.T
+        y = _linear(x, weight)
         fac = lora.get(group)
         if fac is not None:
             a, parts = fac  # see LoraSlots.gather: float32 factors
@@ -137,7 +231,7 @@ class LlamaRunner:
 
         h = self._layers(x, cos, sin, lora, attend)
         last = h[torch.arange(n, device=self.device), lengths - 1]
-        return (last @ self.lm_head.T).float()
+        return _linear(last, self.lm_head).float()
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, lora: dict) -> torch.Tensor:
@@ -161,4 +255,4 @@ class LlamaRunner:
                                                   attn_mask=mask, scale=self.scale, enable_gqa=True)
 
         h = self._layers(x, cos, sin, lora, attend)
-        return (h[:, 0] @ self.lm_head.T).float()
+        return _linear(h[:, 0], self.lm_head).float()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -41,6 +42,9 @@ class ServeSettings(Strict):
     system_prompts: dict[str, str] = {}  # model id -> system prompt used when a request has none
 
     dtype: str = "auto"  # auto (bf16 where the CPU/GPU has fast bf16, else fp32), float32, bfloat16
+    # none, or int4 (CPU): projection and output weights as 4-bit groups of 32 (llama.cpp's Q4_1
+    # layout: a model imported from a Q4_1 GGUF keeps its codes). Outputs then differ slightly from PEFT's.
+    quantize: Literal["none", "int4"] = "none"
     max_model_len: int | None = Field(None, ge=16)  # prompt + completion tokens; default min(context, 2048)
     max_batch: int = Field(16, ge=1, le=256)  # sequences decoded together (rows of the KV cache)
     max_queue: int = Field(256, ge=0)  # waiting sequences beyond the batch before 429
