@@ -81,7 +81,7 @@ def main() -> None:
     from plural.store.models import get_model
     from plural.tune.config import LoraConfig
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores, or those `taskset` gave
     _cache_base_model()
     data = ROOT / "examples" / "federate" / "orgs"
     train = {o: data / o / "train.jsonl" for o in ORGS}
@@ -145,6 +145,8 @@ def main() -> None:
             ("federated: exact", lambda: federate("exact", fed_cfg.model_copy(update={"strategy": "exact"}), all_nodes)),
             ("federated: ffa", lambda: federate("ffa", ffa, all_nodes))]
     plan += [(f"alone: {o}", (lambda o=o: federate(f"alone {o}", base_cfg, {o: [train[o]]}))) for o in ORGS]
+    if args.server_lr != 1.0:  # the plain mean for reference (not counted for the target)
+        plan.append(("federated: exact, η = 1", lambda: federate("exact eta=1", base_cfg.model_copy(update={"strategy": "exact"}), all_nodes)))
     plan += [("federated: fedavg", lambda: federate("fedavg", fed_cfg.model_copy(update={"strategy": "fedavg"}), all_nodes)),
              ("poisoned ×50: ffa, median + clip", lambda: federate("poisoned robust", robust, all_nodes, poison="bank"))]
     if args.naive_poison:

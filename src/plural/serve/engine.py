@@ -133,6 +133,9 @@ class Engine:
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plural-adapter-loader")
         self.loading: list[Adapter] = []
         self._lora_key: tuple[int, ...] | None = None
+        # Called on the engine thread after every iteration (a step, an error, shutdown): lets a
+        # consumer batch the events of one step into one hand-over (see serving.Mailbox).
+        self.after_step: list[Callable[[], None]] = []
         self._lora: dict = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="plural-engine", daemon=True)
@@ -218,8 +221,14 @@ class Engine:
                 for s in [s for s in self.rows if s is not None] + list(self.waiting):
                     self._finish(s, "error", error=msg)
                 self.waiting.clear()
+            self._after_step()
         for s in [s for s in self.rows if s is not None] + list(self.waiting) + list(self.inbox):
             self._finish(s, "cancelled", error="the server shut down before this request finished")
+        self._after_step()
+
+    def _after_step(self) -> None:
+        for fn in self.after_step:
+            fn()
 
     def _step(self) -> None:
         self._finish_loads()

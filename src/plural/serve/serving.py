@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -41,9 +42,43 @@ class Job:
     model: str
 
 
+class Mailbox:
+    """Hands the engine thread's events to the event loop, one wake-up per engine step.
+
+    A wake-up per token per stream (`call_soon_threadsafe` each time) interrupts the event loop's
+    thread 16 times a step at 16 streams, and each time it takes a core from one of the engine's
+    OpenMP threads mid-step. Here events collect under a lock (`post`) and the engine's
+    `after_step` hook (`flush`) schedules one drain for all of them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, object]] = []
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._items:
+                return
+            items, self._items = self._items, []
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, items)
+        except RuntimeError:  # the event loop is gone (server stopped): nobody to tell
+            pass
+
+    @staticmethod
+    def _deliver(items) -> None:
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Serving:
     def __init__(self, state):
         self.state = state  # app.state: settings, engine, tokenizer, base_id, metrics, system_prompts
+        self.mailbox: Mailbox | None = None
 
     # ---- requests -> sequences ------------------------------------------------------------------
 
@@ -96,9 +131,18 @@ class Serving:
             out.append(ids)
         return out
 
+    def _mailbox(self) -> "Mailbox":
+        loop = asyncio.get_running_loop()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = Mailbox(loop)
+            engine = self.state.engine
+            engine.after_step = [f for f in engine.after_step if not isinstance(getattr(f, "__self__", None), Mailbox)]
+            engine.after_step.append(self.mailbox.flush)
+        return self.mailbox
+
     def submit(self, model: str, prompts: list[list[int]], req: P.SamplingFields, max_tokens: int | None,
                logprobs: int | None) -> Job:
-        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox()
         queue: asyncio.Queue = asyncio.Queue()
         adapter = self.state.engine.adapters.get(model) if model != self.state.base_id else None
         seqs = []
@@ -108,10 +152,7 @@ class Serving:
                 params = self._params(req, len(p_ids), max_tokens, logprobs, c)
 
                 def emit(ev: Event, idx=idx) -> None:
-                    try:
-                        loop.call_soon_threadsafe(queue.put_nowait, (idx, ev))
-                    except RuntimeError:  # the event loop is gone (server stopped): nobody to tell
-                        pass
+                    mailbox.post(queue, (idx, ev))
 
                 seqs.append(Sequence(model, adapter, p_ids, params, emit))
         try:
