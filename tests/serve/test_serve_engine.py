@@ -119,3 +119,40 @@ def test_fast_content_chunk_equals_the_pydantic_chunk():
         fast = write(i, text)
         assert fast.startswith("data: ") and fast.endswith("\n\n")
         assert json.loads(fast[6:]) == json.loads(ref[6:])
+
+
+def test_mailbox_delivers_one_steps_events_in_order_with_one_wakeup():
+    """The engine thread's events of one step reach the event loop in order, in one hand-over."""
+    import asyncio
+
+    from plural.serve.serving import Mailbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = []
+        real = loop.call_soon_threadsafe
+
+        def counting(*args):
+            calls.append(args)
+            return real(*args)
+
+        loop.call_soon_threadsafe = counting
+        box = Mailbox(loop)
+        a, b = asyncio.Queue(), asyncio.Queue()
+
+        def engine_step():
+            for i in range(6):
+                box.post(a if i % 2 else b, i)
+            box.flush()
+            box.flush()  # nothing new: no second wake-up
+
+        t = threading.Thread(target=engine_step)
+        t.start()
+        t.join()
+        assert a.empty() and b.empty()  # delivered on the loop, not from the engine thread
+        await asyncio.sleep(0.01)
+        assert len(calls) == 1
+        assert [b.get_nowait() for _ in range(3)] == [0, 2, 4]
+        assert [a.get_nowait() for _ in range(3)] == [1, 3, 5]
+
+    asyncio.run(main())
