@@ -263,6 +263,7 @@ def federation_block(cfg: FederateConfig, st: checkpoint.ServerState) -> dict:
         "exact": cfg.strategy in ("exact", "ffa"),
         "aggregator": cfg.aggregator.model_dump(mode="json"),
         "server_optimizer": cfg.server_optimizer.name,
+        "server_lr": cfg.server_optimizer.lr,
         "fedprox_mu": cfg.fedprox_mu,
         "privacy": priv,
         "max_truncation_error": max(trunc) if trunc else None,
