@@ -78,7 +78,8 @@ class Mailbox:
 class Serving:
     def __init__(self, state):
         self.state = state  # app.state: settings, engine, tokenizer, base_id, metrics, system_prompts
-        self.mailbox: Mailbox | None = None
+        self.mailbox: Mailbox | None = None  # for the running event loop (one per server; tests start several)
+        state.engine.after_step.append(self._flush)
 
     # ---- requests -> sequences ------------------------------------------------------------------
 
@@ -135,10 +136,12 @@ class Serving:
         loop = asyncio.get_running_loop()
         if self.mailbox is None or self.mailbox.loop is not loop:
             self.mailbox = Mailbox(loop)
-            engine = self.state.engine
-            engine.after_step = [f for f in engine.after_step if not isinstance(getattr(f, "__self__", None), Mailbox)]
-            engine.after_step.append(self.mailbox.flush)
         return self.mailbox
+
+    def _flush(self) -> None:  # the engine thread's after_step hook
+        box = self.mailbox
+        if box is not None:
+            box.flush()
 
     def submit(self, model: str, prompts: list[list[int]], req: P.SamplingFields, max_tokens: int | None,
                logprobs: int | None) -> Job:
