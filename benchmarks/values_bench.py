@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep trained adapters found in --work (re-evaluate only)")
     ap.add_argument("--sft-epochs", type=float, default=4.0)
     ap.add_argument("--sft-lr", type=float, default=None, help="override the compiled SFT learning rate")
+    ap.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for the SFT run (e.g. lora.r=8)")
     ap.add_argument("--no-write", action="store_true", help="keep docs/benchmarks.md as is (the section is still saved to WORK/section.md)")
     ap.add_argument("--dpo-epochs", type=float, default=1.0)
     ap.add_argument("--dpo-max-steps", type=int, default=None, help="stop DPO after this many steps (CPU time budget)")
@@ -77,7 +78,8 @@ def main() -> None:
         if not (sft / "adapter").is_dir():
             shutil.rmtree(sft, ignore_errors=True)
             seconds["sft"] = sh([plural, "tune", str(data / "tune-sft.yaml"), "--set", f"output={sft}", "--set", f"train.epochs={args.sft_epochs}",
-                                 *(["--set", f"train.lr={args.sft_lr}"] if args.sft_lr else [])])
+                                 *(["--set", f"train.lr={args.sft_lr}"] if args.sft_lr else []),
+                                 *[a for kv in args.sft_set for a in ("--set", kv)]])
         shutil.rmtree(dpo, ignore_errors=True)
         seconds["dpo"] = sh([plural, "tune", str(data / "tune-dpo.yaml"), "--set", f"output={dpo}",
                              "--set", f"init_adapter={sft / 'adapter'}", "--set", f"train.epochs={args.dpo_epochs}",
@@ -127,7 +129,7 @@ def main() -> None:
         f"Profile `{prof.id}` ({args.profile.relative_to(ROOT) if args.profile.is_relative_to(ROOT) else args.profile}), "
         f"SmolLM2-135M-Instruct, CPU. Command: `{command()}`",
         "",
-        f"Pipeline: `plural values compile` → `plural tune` (sft, compiled tune-sft.yaml, {args.sft_epochs:g} epochs{f', lr {args.sft_lr:g}' if args.sft_lr else ''}) → `plural tune` "
+        f"Pipeline: `plural values compile` → `plural tune` (sft, compiled tune-sft.yaml, {args.sft_epochs:g} epochs{f', lr {args.sft_lr:g}' if args.sft_lr else ''}{''.join(', ' + kv for kv in args.sft_set)}) → `plural tune` "
         f"(dpo from the SFT adapter, tune-dpo.yaml, {dpo_budget}) → `plural values eval` (greedy answers of at most "
         f"{args.max_new_tokens} tokens) with `--suite examples/eval/multilingual.jsonl`. One training run per method; "
         "intervals are the eval runner's bootstrap over items (held-out pairs, probes, text documents).",

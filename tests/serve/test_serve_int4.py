@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from plural.serve.llama import Int4Weight, LlamaRunner
+from plural.serve.llama import Int4Weight, Int8Weight, LlamaRunner
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="this torch has no int4 CPU kernel")
 
@@ -32,6 +32,22 @@ def test_a_weight_on_a_q4_1_grid_is_recovered_exactly():
     xs = torch.randn(Int4Weight.KERNEL_ROWS + 7, inp, generator=g).bfloat16()
     refs = xs.float() @ w.T
     assert torch.allclose(iw.matmul(xs).float(), refs, atol=0.05 * float(refs.abs().max()))
+
+
+def test_int8_output_layer_gives_the_same_product_with_few_or_many_rows():
+    """The output layer multiplies a few rows with torch's int8 kernel and a batch with the dense
+    bf16 GEMM on the same dequantised weight: a row's logits do not depend on the path taken."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(300, 64, generator=g)
+    iw = Int8Weight(w)
+    assert float((iw.dequantize().float() - w).abs().max()) <= float(w.abs().max()) / 127  # a real 8-bit grid
+    x = torch.randn(Int8Weight.KERNEL_ROWS + 9, 64, generator=g).bfloat16()
+    many = iw.matmul(x).float()  # the dense path
+    few = torch.cat([iw.matmul(x[i:i + 1]).float() for i in range(x.shape[0])])  # the kernel, one row at a time
+    ref = x.float() @ iw.dequantize().float().T
+    for y in (many, few):
+        assert torch.allclose(y, ref, atol=0.01 * float(ref.abs().max()))
+    assert torch.equal(many.argmax(-1), few.argmax(-1))
 
 
 def test_quantisation_error_is_bounded_by_half_a_step():

@@ -101,16 +101,26 @@ class Int8Weight:
     0.0045 (top-1 agreement 94.5%); with a 4-bit one 0.051 (83%). llama.cpp's Q4_1 files keep this
     matrix at 8 bits (Q8_0) too."""
 
+    # torch's int8 kernel is bandwidth-bound at one row and compute-bound beyond a few: past
+    # `KERNEL_ROWS` rows (a batch of streams, a prefill) the same int8 weight, dequantised once to
+    # bf16, is multiplied by the dense GEMM instead (crossover measured in docs/serving.md).
+    KERNEL_ROWS = 4
+
     def __init__(self, w: torch.Tensor):
         w = w.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
         self.q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
         self.scale = scale.to(torch.bfloat16)
         self.out, self.inp = w.shape
+        self.dense = self.dequantize()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.inp).to(torch.bfloat16), self.q, self.scale)
+        x2 = x.reshape(-1, self.inp).to(torch.bfloat16)
+        if x2.shape[0] <= self.KERNEL_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
+        else:
+            y = x2 @ self.dense.T
         return y.view(*lead, self.out).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
