@@ -5,7 +5,7 @@ generates the same count), concurrency 16 (a closed loop: each of 16 clients sen
 when its previous one finishes), request i uses adapter i mod 16 (PEFT-default LoRA: r=8 on
 q_proj, v_proj, random weights) on SmolLM2-135M-Instruct.
 
-- plural: `plural serve` process, the official async openai client, streaming (TTFT per request).
+- plural: `plural serve` process, a lean httpx SSE client (as vLLM's benchmark_serving), streaming (TTFT per request).
   Also: the same workload on the base model only, with 1 distinct adapter, and with 64.
 - transformers + PEFT, sequential: one request at a time, switching adapters (`set_adapter`).
 - PEFT mixed-adapter batch: 16 requests in one `generate(adapter_names=...)` call (static batch).
