@@ -173,3 +173,31 @@ def test_casting_frozen_linears_is_bit_identical_under_autocast(tiny_model):
     assert model.get_input_embeddings().weight.dtype == torch.float32  # tied head/embedding kept fp32
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert torch.equal(before, after)
+
+
+def test_sft_trains_on_text_files_beside_chat_files(tmp_path, tiny_model):
+    """`method: sft` takes text files (general text replayed, loss on every token) beside its chat
+    files (loss on the assistant turns); a preference file is refused with its path."""
+    from plural.store.models import load_tokenizer
+    from plural.tune.sft import encode_file
+
+    from .helpers import chat_rows, write_jsonl
+
+    tok = load_tokenizer(tiny_model)
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(3))
+    text = write_jsonl(tmp_path / "replay.jsonl", [{"text": "Bees fly out on warm mornings."}, {"text": "The ferry crosses twice an hour."}])
+    enc_chat = encode_file(tok, chat, "sft", 128, "truncate")
+    enc_text = encode_file(tok, text, "sft", 128, "truncate")
+    assert all(0 < e.n_trained < len(e) - 1 for e in enc_chat)  # the prompt is masked
+    assert [e.n_trained for e in enc_text] == [len(e) for e in enc_text]  # every token carries loss
+    pref = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}])
+    with pytest.raises(PluralError, match=r"pref.jsonl: holds preference records; method sft trains on chat or text records"):
+        encode_file(tok, pref, "sft", 128, "truncate")
+    with pytest.raises(PluralError, match=r"chat.jsonl: 3 error\(s\)"):  # method text still takes text only
+        encode_file(tok, chat, "text", 128, "truncate")
+    cfg = tune_config(tmp_path, tiny_model, max_steps=2)
+    run = _fit_in_process(cfg, f"data.train=[{tmp_path / 'train.jsonl'}, {text}]")
+    import json
+
+    man = json.loads((run / "adapter" / "plural.json").read_text())
+    assert [Path(d["path"]).name for d in man["data"]] == ["train.jsonl", "replay.jsonl"]

@@ -54,6 +54,14 @@ def test_compile_writes_valid_disjoint_deterministic_sets(tmp_path):
     for cfg_name, method in (("tune-sft.yaml", "sft"), ("tune-dpo.yaml", "dpo")):
         cfg = load_config(TuneConfig, a.out / cfg_name).resolve_paths(a.out)
         assert cfg.method == method and all(p.is_file() for p in cfg.data.train)
+    # SFT replays the bundled general text (every record plain text, in several languages); --no-replay leaves it out
+    sft = load_config(TuneConfig, a.out / "tune-sft.yaml").resolve_paths(a.out)
+    assert [p.name for p in sft.data.train] == ["sft_train.jsonl", "replay.jsonl"]
+    kind, replay = load_records(a.out / "replay.jsonl")
+    assert kind == "text" and len({r.data["metadata"]["lang"] for r in replay}) >= 6
+    c = compile_profile(prof, tmp_path / "c", source=src, replay=False)
+    assert not (c.out / "replay.jsonl").exists()
+    assert [p.name for p in load_config(TuneConfig, c.out / "tune-sft.yaml").resolve_paths(c.out).data.train] == ["sft_train.jsonl"]
     man = json.loads((a.out / "compile.json").read_text())
     assert man["profile"]["id"] == "de-public-sector" and man["sha256"].startswith("sha256:")
     with pytest.raises(FileExistsError):

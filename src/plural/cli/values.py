@@ -47,6 +47,7 @@ def compile_cmd(
     teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="The teacher's model name at that endpoint."),
     teacher_prompts: int = typer.Option(8, "--teacher-prompts", min=1, help="New prompts per principle and language."),
     teacher_key: Optional[str] = typer.Option(None, "--teacher-key", envvar="PLURAL_TEACHER_KEY", help="Bearer key for the teacher endpoint."),
+    replay: bool = typer.Option(True, "--replay/--no-replay", help="Replay plural's bundled general text during SFT (keeps the base model's general language ability)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Turn a profile into SFT and preference JSONL, held-out sets and the `values` eval suite."""
@@ -61,7 +62,7 @@ def compile_cmd(
         raise PluralError("--teacher and --teacher-model go together")
     reviewed = [e for f in extra for e in read_reviewed(f, prof)]
     res = compile_profile(prof, output, source=profile, heldout=heldout, seed=seed, system_prompt=system_prompt,
-                          extra=reviewed, model=model, overwrite=force)
+                          extra=reviewed, model=model, overwrite=force, replay=replay)
     for name, n in res.counts.items():
         out.print(f"  {name:20s} {n:5d}" + ("" if n else "  (none: file not written)"))
     if teacher:

@@ -23,19 +23,25 @@ from plural.store.models import load_model
 from plural.tune import loop
 from plural.tune.config import TuneConfig
 
-ENCODERS: dict[str, tuple[str, Callable]] = {
-    # method: (record kind, encode(tokenizer, record) -> Encoded)
-    "sft": ("chat", lambda tok, r: encode_chat(tok, r["messages"])),
-    "text": ("text", lambda tok, r: encode_text(tok, r["text"])),
+ENCODERS: dict[str, Callable] = {
+    # record kind -> encode(tokenizer, record) -> Encoded
+    "chat": lambda tok, r: encode_chat(tok, r["messages"]),  # loss on the assistant turns
+    "text": lambda tok, r: encode_text(tok, r["text"]),  # loss on every token
 }
+# The record kinds each method trains on. `sft` also takes text files beside its chat files, as
+# Axolotl mixes completion and chat-template data sets: general text replayed so the adapter keeps
+# the base model's language ability (value profiles do this, docs/value-profiles.md).
+KINDS = {"sft": ("chat", "text"), "text": ("text",)}
 
 
 def encode_file(tok, path: Path, method: str, max_length: int, overlong: str) -> list[Encoded]:
-    kind, encode = ENCODERS[method]
-    k, records = load_records(path, kind)
+    kinds = KINDS[method]
+    k, records = load_records(path, kinds[0] if len(kinds) == 1 else None)
+    if k not in kinds:
+        raise PluralError(f"{path}: holds {k} records; method {method} trains on {' or '.join(kinds)} records")
     out = []
     for rec in records:
-        e = encode(tok, rec.data)
+        e = ENCODERS[k](tok, rec.data)
         if len(e) > max_length:
             if overlong == "error":
                 raise PluralError(f"{path}:{rec.line}: {len(e)} tokens, over data.max_length={max_length} (or set data.overlong: truncate)")

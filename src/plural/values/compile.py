@@ -6,6 +6,7 @@
       pref_train.jsonl          preference: prompt, chosen = good, rejected = bad
       pref_eval.jsonl           preference: held out (preference accuracy in `values eval`)
       values_suite.jsonl        the `values` suite of `plural eval`: held-out pairs and every probe
+      replay.jsonl              text: general prose in eight languages, replayed during SFT (see below)
       tune-sft.yaml             ready-to-run `plural tune` configs (SFT, then DPO from the SFT adapter)
       tune-dpo.yaml
       compile.json              profile id/version/sha256, split, counts
@@ -16,6 +17,12 @@ is deterministic, stratified, stable when examples are added (an example's side 
 its own prompt), and the same prompt never lands on both sides. Probes are evaluation only;
 `check` already refuses an example whose prompt is a probe's.
 
+Replay. SFT on a few hundred answers in one register makes a small model forget ordinary prose
+(bits per byte on general text rose 7-12% without it, docs/benchmarks.md#values). The SFT config
+therefore also trains on `replay.jsonl`, a copy of plural's bundled general-text corpus
+(resources/replay, CC0), loss on every token, as continual-learning replay does; `replay=False`
+(`--no-replay`) leaves it out.
+
 Records carry `id` and `metadata: {principle, language}` so `values eval` reports per principle
 and per language (the chat record format allows both fields).
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +42,8 @@ from plural.store.paths import atomic_dir, write_json_atomic
 from plural.values.profile import Example, Profile, _norm
 
 SUITE = "values_suite.jsonl"
+REPLAY = "replay.jsonl"
+REPLAY_SOURCE = Path(__file__).resolve().parent.parent / "resources" / "replay" / "general.jsonl"
 
 
 @dataclass
@@ -83,11 +93,11 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def tune_configs(profile: Profile, model: str) -> dict[str, dict]:
+def tune_configs(profile: Profile, model: str, replay: bool = True) -> dict[str, dict]:
     """SFT on the good answers, then DPO from that adapter: defaults measured on SmolLM2-135M (docs/value-profiles.md)."""
     sft = {
         "method": "sft", "model": model,
-        "data": {"train": ["sft_train.jsonl"], "eval": "sft_eval.jsonl", "max_length": 512, "packing": True},
+        "data": {"train": ["sft_train.jsonl"] + ([REPLAY] if replay else []), "eval": "sft_eval.jsonl", "max_length": 512, "packing": True},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
         # Measured on SmolLM2-135M (docs/benchmarks.md#values): at 3e-4 for 2 epochs the SFT loss
         # was still 2.0 and the probe answers incoherent German (pass rate 0.07); 6e-4 for 4 epochs
@@ -116,6 +126,7 @@ def compile_profile(
     extra: list[Example] = (),
     model: str = "smollm2-135m-instruct",
     overwrite: bool = False,
+    replay: bool = True,
 ) -> Compiled:
     """Write the data folder (atomically: a half-written folder never appears under `out`).
 
@@ -147,7 +158,9 @@ def compile_profile(
         for name, rows in data.items():
             if len(rows) > (name == SUITE):  # an empty JSONL is not a valid data file; its absence says "none"
                 _jsonl(tmp / name, rows)
-        for name, cfg in tune_configs(profile, model).items():
+        if replay:
+            shutil.copyfile(REPLAY_SOURCE, tmp / REPLAY)
+        for name, cfg in tune_configs(profile, model, replay).items():
             if name == "tune-dpo.yaml" and not data["pref_train.jsonl"]:
                 continue
             if not data["sft_eval.jsonl"]:
@@ -160,6 +173,7 @@ def compile_profile(
             "source": str(source) if source else None,
             "sha256": "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest() if source else None,
             "split": {"heldout": heldout, "seed": seed, "system_prompt": system_prompt},
+            "replay": REPLAY if replay else None,
             "extra_examples": len(extra),
             "counts": counts,
         }
