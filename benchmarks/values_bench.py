@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--sft-epochs", type=float, default=4.0)
     ap.add_argument("--sft-lr", type=float, default=None, help="override the compiled SFT learning rate")
     ap.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for the SFT run (e.g. lora.r=8)")
+    ap.add_argument("--dpo-set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for the DPO run (e.g. preference.beta=0.05)")
     ap.add_argument("--no-write", action="store_true", help="keep docs/benchmarks.md as is (the section is still saved to WORK/section.md)")
     ap.add_argument("--dpo-epochs", type=float, default=1.0)
     ap.add_argument("--dpo-max-steps", type=int, default=None, help="stop DPO after this many steps (CPU time budget)")
@@ -83,7 +84,8 @@ def main() -> None:
         shutil.rmtree(dpo, ignore_errors=True)
         seconds["dpo"] = sh([plural, "tune", str(data / "tune-dpo.yaml"), "--set", f"output={dpo}",
                              "--set", f"init_adapter={sft / 'adapter'}", "--set", f"train.epochs={args.dpo_epochs}",
-                             *(["--set", f"train.max_steps={args.dpo_max_steps}"] if args.dpo_max_steps else [])])
+                             *(["--set", f"train.max_steps={args.dpo_max_steps}"] if args.dpo_max_steps else []),
+                             *[a for kv in args.dpo_set for a in ("--set", kv)]])
 
     prof = load_profile(args.profile)
     print(f"$ {plural} values eval {args.profile} -a sft={sft / 'adapter'} -a dpo={dpo / 'adapter'}"
@@ -125,6 +127,7 @@ def main() -> None:
     ]
     counts = json.loads((data / "compile.json").read_text())["counts"]
     dpo_budget = f"{args.dpo_max_steps} steps of 4 pairs" if args.dpo_max_steps else f"{args.dpo_epochs:g} epoch(s)"
+    dpo_budget += "".join(", " + kv for kv in args.dpo_set)
     body = [
         f"Profile `{prof.id}` ({args.profile.relative_to(ROOT) if args.profile.is_relative_to(ROOT) else args.profile}), "
         f"SmolLM2-135M-Instruct, CPU. Command: `{command()}`",

@@ -121,6 +121,10 @@ def test_config_validation(tmp_path):
         validate(TuneConfig, {**base, "method": "dpo", "preference": {"beta": 0}}, "t.yaml")
     with pytest.raises(PluralError, match="lora: the adapter's rank"):
         validate(TuneConfig, {**base, "method": "dpo", "init_adapter": "a", "lora": {"r": 4}}, "t.yaml")
+    with pytest.raises(PluralError, match="preference.reference: init needs method dpo and an init_adapter"):
+        validate(TuneConfig, {**base, "method": "dpo", "preference": {"reference": "init"}}, "t.yaml")
+    with pytest.raises(PluralError, match="preference.reference: init needs"):
+        validate(TuneConfig, {**base, "method": "orpo", "init_adapter": "a", "preference": {"reference": "init"}}, "t.yaml")
     with pytest.raises(PluralError, match="preference.gamma: unknown key"):
         validate(TuneConfig, {**base, "method": "dpo", "preference": {"gamma": 1}}, "t.yaml")
     cfg = validate(TuneConfig, {**base, "method": "orpo", "init_adapter": "runs/sft/adapter"}, "t.yaml").resolve_paths(tmp_path)
@@ -130,12 +134,12 @@ def test_config_validation(tmp_path):
     assert validate(TuneConfig, sft.model_dump(mode="json"), "config.yaml") == sft
 
 
-def _run(method, tiny_model, pref_file, out, steps, lr, init=None):
+def _run(method, tiny_model, pref_file, out, steps, lr, init=None, reference="base"):
     from plural import tune
 
     cfg = {"method": method, "model": tiny_model, "data": {"train": [str(pref_file)], "eval": str(pref_file), "max_length": 128},
            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-           "preference": {"beta": 0.5}, "train": {"max_steps": steps, "batch_size": 2, "lr": lr, "warmup_ratio": 0, "scheduler": "constant", "threads": 2},
+           "preference": {"beta": 0.5, **({"reference": reference} if method == "dpo" else {})}, "train": {"max_steps": steps, "batch_size": 2, "lr": lr, "warmup_ratio": 0, "scheduler": "constant", "threads": 2},
            "output": str(out)}
     if init:  # the adapter's shape comes from the init adapter
         cfg["init_adapter"] = str(init)
@@ -176,3 +180,18 @@ def test_dpo_starts_from_init_adapter(tiny_model, pref_file, tmp_path):
     assert all(v.abs().max() < 1e-9 for k, v in s.items() if "lora_B" in k)
     assert any(not torch.allclose(a[k], s[k]) for k in a if "lora_B" in k)
     assert read_manifest(cont)["init_adapter"]["method"] == "orpo"
+
+
+def test_dpo_reference_init_starts_at_log_2_from_a_trained_adapter(tiny_model, pref_file, tmp_path):
+    """From an adapter that already prefers the chosen answers, DPO against the base starts below
+    log 2; against the init adapter (log-probs precomputed) it starts at log 2 and still learns."""
+    from plural.store.adapters import read_manifest
+
+    first = _run("dpo", tiny_model, pref_file, tmp_path / "first", steps=12, lr=5e-3)
+    vs_base = _run("dpo", tiny_model, pref_file, tmp_path / "vs-base", steps=6, lr=5e-3, init=first)
+    vs_init = _run("dpo", tiny_model, pref_file, tmp_path / "vs-init", steps=12, lr=5e-3, init=first, reference="init")
+    log = {d: [json.loads(l)["loss"] for l in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("vs-base", "vs-init")}
+    assert log["vs-base"][0] < math.log(2.0) - 0.1
+    assert log["vs-init"][0] == pytest.approx(math.log(2.0), abs=1e-4)
+    assert sum(log["vs-init"][-2:]) < sum(log["vs-init"][:2]) - 0.1, log["vs-init"]  # each step: 2 of the 4 pairs
+    assert read_manifest(vs_init)["metrics"]["reference"] == "init" and read_manifest(vs_base)["metrics"]["reference"] == "base"

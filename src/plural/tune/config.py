@@ -6,7 +6,7 @@
     data: {train: [a.jsonl], eval: b.jsonl, max_length: 512, packing: true}
     lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: [...]}
     train: {epochs: 3, batch_size: 4, grad_accum: 1, lr: 2e-4, precision: auto, save_every: 50, ...}
-    preference: {beta: 0.1}          # dpo / orpo only
+    preference: {beta: 0.1, reference: base}  # dpo / orpo only; reference (dpo): base | init
     output: runs/NAME                # the run folder
 """
 
@@ -70,6 +70,10 @@ class PreferenceConfig(Strict):
     odds-ratio weight lambda (Hong et al. 2024). 0.1 suits both on small models (docs/value-profiles.md)."""
 
     beta: float = Field(0.1, gt=0, le=10)
+    # dpo: the reference policy. `base`: the base model with the adapter switched off. `init`: the
+    # init adapter as it was before training (its log-probs computed once, before the first step,
+    # as TRL's precompute_ref_log_probs), so DPO after SFT starts at loss log 2 instead of near 0.
+    reference: Literal["base", "init"] = "base"
 
 
 class TuneConfig(Strict):
@@ -92,6 +96,8 @@ class TuneConfig(Strict):
                 raise ValueError(f"init_adapter: only used by method dpo or orpo, not {self.method}")
             if self.preference != PreferenceConfig():
                 raise ValueError(f"preference: only used by method dpo or orpo, not {self.method}")
+        elif self.preference.reference == "init" and (self.method != "dpo" or self.init_adapter is None):
+            raise ValueError("preference.reference: init needs method dpo and an init_adapter (orpo has no reference model)")
         elif self.init_adapter is not None and self.lora != LoraConfig():
             raise ValueError("lora: the adapter's rank and modules come from init_adapter; remove the lora: section")
         return self
