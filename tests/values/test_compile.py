@@ -54,6 +54,7 @@ def test_compile_writes_valid_disjoint_deterministic_sets(tmp_path):
     for cfg_name, method in (("tune-sft.yaml", "sft"), ("tune-dpo.yaml", "dpo")):
         cfg = load_config(TuneConfig, a.out / cfg_name).resolve_paths(a.out)
         assert cfg.method == method and all(p.is_file() for p in cfg.data.train)
+    assert load_config(TuneConfig, a.out / "tune-dpo.yaml").preference.reference == "init"
     # SFT replays the bundled general text (every record plain text, in several languages); --no-replay leaves it out
     sft = load_config(TuneConfig, a.out / "tune-sft.yaml").resolve_paths(a.out)
     assert [p.name for p in sft.data.train] == ["sft_train.jsonl", "replay.jsonl"]

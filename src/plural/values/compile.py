@@ -109,7 +109,9 @@ def tune_configs(profile: Profile, model: str, replay: bool = True) -> dict[str,
     dpo = {
         "method": "dpo", "model": model, "init_adapter": f"runs/{profile.id}-sft/adapter",
         "data": {"train": ["pref_train.jsonl"], "eval": "pref_eval.jsonl", "max_length": 512},
-        "preference": {"beta": 0.1},
+        # The SFT adapter as DPO's reference: against the base, DPO from it started at loss 1e-5 and
+        # only added noise (one contrast probe refused); against itself it learns (docs/benchmarks.md#values).
+        "preference": {"beta": 0.1, "reference": "init"},
         "train": {"epochs": 2, "batch_size": 4, "lr": 5e-5},
         "output": f"runs/{profile.id}-dpo",
     }
