@@ -6,7 +6,7 @@ when its previous one finishes), request i uses adapter i mod 16 (PEFT-default L
 q_proj, v_proj, random weights) on SmolLM2-135M-Instruct.
 
 - plural: `plural serve` process, a lean httpx SSE client (as vLLM's benchmark_serving), streaming (TTFT per request).
-  Also: the same workload on the base model only, with 1 distinct adapter, and with 64.
+  Also: the same workload on the base model only (alternating with the 16-adapter runs), with 1 distinct adapter, and with 64.
 - transformers + PEFT, sequential: one request at a time, switching adapters (`set_adapter`).
 - PEFT mixed-adapter batch: 16 requests in one `generate(adapter_names=...)` call (static batch).
 - llama.cpp (llama-cpp-python, the bundled Q4_1 GGUF, adapters converted to GGUF LoRA and switched
@@ -332,7 +332,7 @@ def llamacpp(adapters, msgs, n_req, workdir):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="runs of plural's 16-adapter workload (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of plural's 16-adapter and base-only workloads, alternating (median of each)")
     ap.add_argument("--baseline-requests", type=int, default=8, help="requests measured for each sequential baseline")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--quantize", default="none,int4", help="plural serve configurations to measure (comma-separated: none, int4)")
@@ -354,9 +354,10 @@ def main() -> None:
             run = lambda models: asyncio.run(plural_workload(srv.port, models, msgs, CONCURRENCY))
             asyncio.run(plural_workload(srv.port, [a16[0].name] * 4, msgs[:4], 4))  # warm-up
             single = [asyncio.run(plural_workload(srv.port, [a16[i].name], msgs[i:i + 1], 1))["decode"] for i in range(3)]
-            r16 = [run([a16[i % 16].name for i in range(args.requests)]) for _ in range(args.repeats)]
-            r16 = sorted(r16, key=lambda r: r["tok_s"])[len(r16) // 2]
-            rbase = run(["smollm2-135m-instruct"] * args.requests)
+            # 16 adapters and base only, alternating (so a slow spell of the machine hits both), median of each.
+            pairs = [(run([a16[i % 16].name for i in range(args.requests)]), run(["smollm2-135m-instruct"] * args.requests))
+                     for _ in range(args.repeats)]
+            r16, rbase = (sorted((p[k] for p in pairs), key=lambda r: r["tok_s"])[len(pairs) // 2] for k in (0, 1))
             r1 = run([a16[0].name] * args.requests)
             # Adapters 16..63 have never been used on this server: every request's adapter is loaded on
             # first use (and evicts an idle one: 16 LoRA slots).
@@ -408,7 +409,7 @@ def main() -> None:
     targets = []
     for label, r16, rbase, r1, r64, single in plural.values():
         lines += [
-            f"| {label} | base model only | {rbase['tok_s']:.1f} | {rbase['ttft_p50']:.2f} | {rbase['ttft_p99']:.2f} |",
+            f"| {label} | base model only (median of {args.repeats}) | {rbase['tok_s']:.1f} | {rbase['ttft_p50']:.2f} | {rbase['ttft_p99']:.2f} |",
             f"| {label} | 1 | {r1['tok_s']:.1f} | {r1['ttft_p50']:.2f} | {r1['ttft_p99']:.2f} |",
             f"| {label} | 16 (median of {args.repeats}) | {r16['tok_s']:.1f} | {r16['ttft_p50']:.2f} | {r16['ttft_p99']:.2f} |",
             f"| {label} | 64 registered; requests on adapters never used before (loaded on first use into 16 LRU slots) | {r64['tok_s']:.1f} | {r64['ttft_p50']:.2f} | {r64['ttft_p99']:.2f} |",
