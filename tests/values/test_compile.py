@@ -60,6 +60,7 @@ def test_compile_writes_valid_disjoint_deterministic_sets(tmp_path):
     assert [p.name for p in sft.data.train] == ["sft_train.jsonl", "replay.jsonl"]
     kind, replay = load_records(a.out / "replay.jsonl")
     assert kind == "text" and len({r.data["metadata"]["lang"] for r in replay}) >= 6
+    assert json.loads((a.out / "compile.json").read_text())["counts"]["replay.jsonl"] == len(replay)
     c = compile_profile(prof, tmp_path / "c", source=src, replay=False)
     assert not (c.out / "replay.jsonl").exists()
     assert [p.name for p in load_config(TuneConfig, c.out / "tune-sft.yaml").resolve_paths(c.out).data.train] == ["sft_train.jsonl"]

@@ -156,6 +156,8 @@ def compile_profile(
         SUITE: suite,
     }
     counts = {name: len(rows) - (name == SUITE) for name, rows in data.items()}
+    if replay:
+        counts[REPLAY] = sum(1 for line in REPLAY_SOURCE.read_text(encoding="utf-8").splitlines() if line.strip())
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, rows in data.items():
             if len(rows) > (name == SUITE):  # an empty JSONL is not a valid data file; its absence says "none"
