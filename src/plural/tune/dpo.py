@@ -132,36 +132,35 @@ class DPOLoss(nn.Module):
         return 2 * (-F.logsigmoid(self.rewards(input_ids, labels, position_ids))).sum()
 
 
+def _eval_batches(module: nn.Module, rows: list[Row], pad_id: int, device, amp: torch.dtype | None, batch_size: int = 8):
+    """Collated batches of `rows` on `device`, each consumed under the training autocast (`amp`: fit()
+    stores the frozen weights in that dtype), with `module` in eval mode until the last one."""
+    was = module.training
+    module.eval()
+    try:
+        for i in range(0, len(rows), batch_size):
+            b = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
+            with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+                yield b
+    finally:
+        module.train(was)
+
+
 @torch.no_grad()
-def reference_logps(model: nn.Module, rows: list[Row], pad_id: int, device, amp: torch.dtype | None,
-                    batch_size: int = 8) -> dict[tuple[int, ...], torch.Tensor]:
+def reference_logps(model: nn.Module, rows: list[Row], pad_id: int, device, amp: torch.dtype | None) -> dict[tuple[int, ...], torch.Tensor]:
     """The model's (init adapter's) completion log-probs [2] of every row, as the training step computes them."""
-    was = model.training
-    model.eval()
     out = {}
-    for i in range(0, len(rows), batch_size):
-        b = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
-        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-            lp, _ = sequence_logps(model, **b)
+    for b in _eval_batches(model, rows, pad_id, device, amp):
+        lp, _ = sequence_logps(model, **b)
         for ids, pos, v in zip(b["input_ids"], b["position_ids"], lp.float().cpu()):
             out[_pair_key(ids, pos)] = v
-    model.train(was)
     return out
 
 
 @torch.no_grad()
-def pair_accuracy(loss_mod: nn.Module, rows: list[Row], pad_id: int, device, amp: torch.dtype | None, batch_size: int = 8) -> float:
-    """Fraction of pairs whose margin (loss_mod.rewards) is positive: DPO's 'reward accuracy'.
-
-    Under the training autocast (`amp`): fit() stores the frozen weights in that dtype."""
-    was = loss_mod.training
-    loss_mod.eval()
-    wins = 0
-    for i in range(0, len(rows), batch_size):
-        b = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
-        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-            wins += int((loss_mod.rewards(**b) > 0).sum())
-    loss_mod.train(was)
+def pair_accuracy(loss_mod: nn.Module, rows: list[Row], pad_id: int, device, amp: torch.dtype | None) -> float:
+    """Fraction of pairs whose margin (loss_mod.rewards) is positive: DPO's 'reward accuracy'."""
+    wins = sum(int((loss_mod.rewards(**b) > 0).sum()) for b in _eval_batches(loss_mod, rows, pad_id, device, amp))
     return wins / max(len(rows), 1)
 
 

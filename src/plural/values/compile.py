@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,14 +155,15 @@ def compile_profile(
         SUITE: suite,
     }
     counts = {name: len(rows) - (name == SUITE) for name, rows in data.items()}
+    replay_text = REPLAY_SOURCE.read_bytes() if replay else None
     if replay:
-        counts[REPLAY] = sum(1 for line in REPLAY_SOURCE.read_text(encoding="utf-8").splitlines() if line.strip())
+        counts[REPLAY] = sum(1 for line in replay_text.splitlines() if line.strip())
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, rows in data.items():
             if len(rows) > (name == SUITE):  # an empty JSONL is not a valid data file; its absence says "none"
                 _jsonl(tmp / name, rows)
         if replay:
-            shutil.copyfile(REPLAY_SOURCE, tmp / REPLAY)
+            (tmp / REPLAY).write_bytes(replay_text)
         for name, cfg in tune_configs(profile, model, replay).items():
             if name == "tune-dpo.yaml" and not data["pref_train.jsonl"]:
                 continue
@@ -177,7 +177,6 @@ def compile_profile(
             "source": str(source) if source else None,
             "sha256": "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest() if source else None,
             "split": {"heldout": heldout, "seed": seed, "system_prompt": system_prompt},
-            "replay": REPLAY if replay else None,
             "extra_examples": len(extra),
             "counts": counts,
         }
