@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := serve,federate,eval,test
+EXTRAS := serve,federate,eval,test,share
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
@@ -28,6 +28,8 @@ demo: install
 	$(BIN)/plural demo
 
 test: install
+	# CNCF distribution, the real OCI registry the sharing tests push to and pull from (tests/share)
+	test -x /usr/bin/docker-registry || (apt-get update -q && apt-get install -y -q docker-registry)
 	$(BIN)/python -m pytest -q tests
 
 clean:

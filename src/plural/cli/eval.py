@@ -24,6 +24,7 @@ def eval_cmd(
     no_base: bool = typer.Option(False, "--no-base", help="Do not score the base model (differences are then against the first adapter)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: --set bootstrap=2000 (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
+    require_signed: Optional[Path] = typer.Option(None, "--require-signed", help="Trust file (or public key PEM): refuse any adapter that is unsigned or not signed by a trusted signer."),
 ) -> None:
     """Evaluate the base model and each adapter on every suite; write report.json, report.html and plots."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,6 +55,13 @@ def eval_cmd(
     if no_base:
         upd["base"] = False
     cfg = validate(EvalConfig, {**cfg.model_dump(), **upd}, str(config or "command line"))
+    if require_signed is not None:
+        from plural.share.trust import load_policy, require_trusted
+        from plural.store.adapters import resolve_adapter
+
+        policy = load_policy(require_signed)
+        for spec in cfg.adapters:
+            require_trusted(resolve_adapter(spec.path if isinstance(spec, AdapterSpec) else spec), policy)
     out_dir = cfg.output or Path("runs/eval") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     if out_dir.exists() and not force:
         raise PluralError(f"{out_dir} already exists. Fix: --output OTHER or --force to replace it")

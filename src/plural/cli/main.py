@@ -44,6 +44,10 @@ def _register() -> None:
     app.add_typer(values.app, name="values")
     serve.register(app)  # serve
     federate.register(app)  # federate, node
+    from plural.cli import adapters, keys
+
+    app.add_typer(keys.app, name="keys")
+    app.add_typer(adapters.app, name="adapters")
 
 
 _register()
