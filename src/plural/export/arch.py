@@ -1,0 +1,75 @@
+"""The model families the GGUF writer knows, and how their Hugging Face tensors map to llama.cpp's.
+
+Tensor names come from the `gguf` package's own table (`get_tensor_name_map`), the one llama.cpp's
+converter uses. The only layout change is llama.cpp's RoPE row order for the "llama" architecture:
+its converter permutes the rows of q_proj and k_proj (HF stores each head's rotary pairs as two
+halves, llama.cpp interleaves them), so a LoRA's B (output rows) of q and k gets the same
+permutation; A (input columns) is unchanged. Qwen2 uses NeoX-style RoPE in llama.cpp: no permutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from plural.errors import PluralError
+
+
+@dataclass(frozen=True)
+class Family:
+    gguf_arch: str  # general.architecture in the GGUF file
+    rope_permute: bool  # llama.cpp's converter permutes q/k rows
+
+
+# HF model_type -> family. Mistral is written as "llama", as llama.cpp's converter does (its
+# sliding window is then not applied: llama.cpp's llama architecture has none).
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", True),
+    "mistral": Family("llama", True),
+    "qwen2": Family("qwen2", False),
+}
+
+
+def family(config) -> Family:
+    mt = getattr(config, "model_type", None)
+    if mt not in FAMILIES:
+        raise PluralError(
+            f"model type {mt!r} ({(getattr(config, 'architectures', None) or ['?'])[0]}): the GGUF writer knows "
+            f"{', '.join(sorted(FAMILIES))}. Fix: export it as a Hugging Face folder (plural export hf --merged)"
+        )
+    return FAMILIES[mt]
+
+
+def name_map(config):
+    import gguf
+
+    fam = family(config)
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == fam.gguf_arch)
+    return gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+
+
+def gguf_tensor_name(tmap, hf_name: str) -> str | None:
+    """`model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight` (None when llama.cpp has no such tensor)."""
+    return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
+def rope_heads(config, gguf_name: str) -> int | None:
+    """Heads whose rows llama.cpp permutes in this tensor (None: not permuted)."""
+    if not family(config).rope_permute:
+        return None
+    if ".attn_q." in gguf_name:
+        return config.num_attention_heads
+    if ".attn_k." in gguf_name:
+        return config.num_key_value_heads
+    return None
+
+
+def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half row order -> llama.cpp's interleaved order, per head. w: (heads*head_dim, ...)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of `permute_rows`."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
