@@ -44,6 +44,9 @@ def _register() -> None:
     app.add_typer(values.app, name="values")
     serve.register(app)  # serve
     federate.register(app)  # federate, node
+    from plural.cli import export as export_cli
+
+    app.add_typer(export_cli.app, name="export")  # export gguf-lora, gguf, ollama, hf
     from plural.cli import adapters, keys
 
     app.add_typer(keys.app, name="keys")
