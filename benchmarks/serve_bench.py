@@ -80,44 +80,6 @@ def make_adapters(n: int) -> list[Path]:
     return paths
 
 
-def to_gguf_lora(adapter: Path, out: Path, n_head: int, n_kv: int) -> Path:
-    """Write a PEFT LoRA as a llama.cpp GGUF LoRA (`general.type = adapter`).
-
-    llama.cpp's HF->GGUF conversion permutes q/k rows for its RoPE layout; a LoRA's B (output rows)
-    gets the same permutation so the adapter lines up with the converted base.
-    """
-    import gguf
-    from safetensors.torch import load_file
-
-    from plural.store.adapters import read_adapter_config
-
-    if out.exists():
-        return out
-    cfg = read_adapter_config(adapter)
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-
-    def permute(w, heads):
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    w = gguf.GGUFWriter(str(out), "llama")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", float(cfg["lora_alpha"]))
-    for key, t in sorted(load_file(str(adapter / "adapter_model.safetensors")).items()):
-        parts = key.split(".")
-        layer, mod, ab = int(parts[parts.index("layers") + 1]), parts[-3], parts[-2]
-        t = t.float()
-        if ab == "lora_B" and mod in ("q_proj", "k_proj"):
-            t = permute(t, n_head if mod == "q_proj" else n_kv)
-        w.add_tensor(f"blk.{layer}.{names[mod]}.weight.{'lora_a' if ab == 'lora_A' else 'lora_b'}", t.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
-
-
 # ---- statistics -------------------------------------------------------------------------------
 
 def pct(xs, q):
@@ -278,12 +240,14 @@ def llamacpp(adapters, msgs, n_req, workdir):
     import llama_cpp
     from llama_cpp import Llama
 
-    from plural.store.models import bundled_gguf, load_model
+    from plural.export.gguf_lora import export_gguf_lora
+    from plural.export.source import open_adapter
+    from plural.store.models import bundled_gguf
 
-    model, _, _ = load_model()
-    cfg = model.config
-    del model
-    ggufs = [to_gguf_lora(p, workdir / f"{p.name}.gguf", cfg.num_attention_heads, cfg.num_key_value_heads) for p in adapters]
+    ggufs = [workdir / f"{p.name}.gguf" for p in adapters]
+    for p, g in zip(adapters, ggufs):
+        if not g.exists():
+            export_gguf_lora(open_adapter(p), g)
     # llama-cpp-python 0.3.36 segfaults in its first decode when the weights are repacked for AMX
     # (the "extra buffer types"; this Xeon has AMX), with or without an adapter. Llama() exposes no
     # switch for it, so its default model parameters are wrapped to load plain CPU buffers.
