@@ -121,13 +121,18 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model):
     assert not (killed / "adapter").exists()
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
 
+    # A kill while writing checkpoint 6 would leave its temporary folder behind (as atomic_dir names it).
+    stale = killed / "checkpoints" / ".step-0000006.tmp-k1ll3d"
+    stale.mkdir()
+    (stale / "trainable.safetensors").write_bytes(b"half")
     r = run_cli("tune", "--resume", killed)
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_adapter(ref, killed)
     import json
 
+    assert not stale.exists()
     steps = [json.loads(l)["step"] for l in (killed / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 was lost to the kill and replayed
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # step 5 was lost to the kill, replayed and logged once
 
 
 def test_two_processes_match_one_with_same_global_batch(tmp_path, tiny_model):
@@ -201,3 +206,62 @@ def test_sft_trains_on_text_files_beside_chat_files(tmp_path, tiny_model):
 
     man = json.loads((run / "adapter" / "plural.json").read_text())
     assert [Path(d["path"]).name for d in man["data"]] == ["train.jsonl", "replay.jsonl"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("train.batch_size=64", "fewer than one global batch"),  # 24 rows: no full batch of 64
+    ("data.train=broken.jsonl", "broken.jsonl: 1 error(s)"),  # relative to the working directory
+])
+def test_failed_start_leaves_nothing_that_blocks_the_retry(tmp_path, tiny_model, bad, message):
+    """A run that fails before its first step removes what it wrote; the corrected retry runs."""
+    cfg = tune_config(tmp_path, tiny_model, max_steps=1)
+    (tmp_path / "broken.jsonl").write_text('{"messages": 3}\n')
+    r = run_cli("tune", cfg, "--set", bad, cwd=tmp_path)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+    # Killed during loading (before any step) leaves only config.yaml: the retry reuses the folder.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("method: sft\n")
+    r = run_cli("tune", cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # A run that did start is never overwritten.
+    r = run_cli("tune", cfg)
+    assert r.returncode == 1 and "exists and is not empty" in r.stderr
+
+
+def test_full_disk_during_a_checkpoint_says_so_and_stays_resumable(tmp_path, tiny_model):
+    """The disk fills up half-way through checkpoint 4's optimizer state (fault injected at the
+    loop's one file write, as the kernel reports it: OSError ENOSPC): a one-line error naming the
+    checkpoint, checkpoint 2 intact and no half-written folder; the resumed run finishes exactly."""
+    cfg = tune_config(tmp_path, tiny_model, max_steps=6, save_every=2, batch_size=2)
+    ref = _fit_in_process(cfg, f"output={tmp_path / 'ref'}")
+    run = tmp_path / "full"
+    script = textwrap.dedent(f"""
+        import errno, os
+        from plural.tune import loop
+        real_write = loop._write_file
+        def write(path, data):
+            if path.name == "state.pt" and path.parent.name.startswith(".step-0000004."):
+                real_write(path, bytes(data)[: len(data) // 2])  # what fitted on the disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return real_write(path, data)
+        loop._write_file = write
+        import sys
+        from plural.cli.main import main
+        sys.argv = ["plural", "tune", {str(cfg)!r}, "--set", "output={run}"]
+        main()
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    err = " ".join(r.stderr.split())  # rich wraps long lines
+    assert f"{run / 'checkpoints' / 'step-0000004'}: no space left on device" in err, err
+    assert f"plural tune --resume {run}" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]  # no half-written folder
+    r = run_cli("tune", "--resume", run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_adapter(ref, run)
+    import json
+
+    assert [json.loads(l)["step"] for l in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]

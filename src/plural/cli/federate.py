@@ -72,7 +72,7 @@ def run(
     if (root_certificates is None) == (not insecure):
         raise PluralError("give --root-certificates CA.pem (TLS) or --insecure (no TLS), exactly one")
     cfg = _load(config, set_, resume)
-    client = launcher.control_client(superlink, root_certificates, _flwr_home("cli"))
+    client = launcher.control_client(superlink, _input_file(root_certificates, "--root-certificates"), _flwr_home("cli"))
     run_id = launcher.submit(client, cfg)
     out.print(f"run {run_id} submitted to {superlink}")
     if detach:
@@ -108,7 +108,7 @@ def superlink(
             if not f.is_file():
                 raise PluralError(f"{f}: missing (create the files with `plural federate certs {tls} --host HOST`)")
     db = database or _flwr_home("superlink") / "state.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
+    _out_folder(db.parent, "--database")
     _foreground(superlink_cmd(host, port, db, t, node_auth), "superlink")
 
 
@@ -120,6 +120,11 @@ def certs(
     """Create a private CA and the superlink's TLS certificate (give ca.pem to every node)."""
     from plural.federate.security import make_tls
 
+    for h in host:
+        _check_host(h)
+    _out_folder(out_dir, "OUT_DIR")
+    if (out_dir / "server.key").exists():
+        raise PluralError(f"{out_dir / 'server.key'} already exists; nodes trust the CA beside it. Fix: remove the folder's files or choose another folder")
     t = make_tls(out_dir, host)
     out.print(f"superlink: --tls {out_dir}   nodes and `federate run`: --root-certificates {t.ca}")
 
@@ -135,9 +140,8 @@ def allow_node(
     from plural.federate.launcher import control_client
     from plural.federate.security import register_node
 
-    if not public_key.is_file():
-        raise PluralError(f"{public_key}: no such public key file")
-    node_id = register_node(control_client(superlink, root_certificates, _flwr_home("cli")), public_key, name)
+    public_key = _input_file(public_key, "PUBLIC_KEY")
+    node_id = register_node(control_client(superlink, _input_file(root_certificates, "--root-certificates"), _flwr_home("cli")), public_key, name)
     out.print(f"node {node_id} may now connect with the matching private key")
 
 
@@ -155,6 +159,37 @@ def _foreground(cmd: list[str], sub: str) -> None:
         raise
     if rc != 0:
         raise PluralError(f"{Path(cmd[0]).name} exited with code {rc}")
+
+
+def _input_file(path: Optional[Path], flag: str) -> Optional[Path]:
+    """An existing file given on the command line, as an absolute path (Flower wants absolute ones)."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise PluralError(f"{flag} {path}: no such file")
+    return path.resolve()
+
+
+def _out_folder(path: Path, flag: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a read-only or missing parent
+        raise PluralError(f"{flag} {path}: cannot create the folder ({e.strerror})") from e
+
+
+def _check_host(host: str) -> None:
+    """An IP address or a DNS name (RFC 1123 labels), as the certificate's subjectAltName needs."""
+    import ipaddress
+    import re
+
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    label = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+    if len(host) > 253 or not re.fullmatch(rf"{label}(\.{label})*\.?", host):
+        raise PluralError(f"--host {host!r}: not an IP address or a DNS name")
 
 
 def _flwr_home(sub: str) -> Path:
@@ -180,6 +215,7 @@ def node_start(
     if (root_certificates is None) == (not insecure):
         raise PluralError("give --root-certificates CA.pem (TLS) or --insecure (no TLS), exactly one")
     check_node_data(data)
+    root_certificates, auth_key = _input_file(root_certificates, "--root-certificates"), _input_file(auth_key, "--auth-key")
     _foreground(supernode_cmd(superlink, data, name or data.resolve().name, port, root_certificates, auth_key, audit), "node")
 
 
@@ -191,6 +227,9 @@ def node_keygen(
     """Create this node's key pair for SuperNode authentication."""
     from plural.federate.security import make_node_key
 
+    _out_folder(out_dir, "OUT_DIR")
+    if (out_dir / name).exists():
+        raise PluralError(f"{out_dir / name} already exists; a node key is never overwritten. Fix: --name OTHER or remove it")
     priv, pub = make_node_key(out_dir, name)
     out.print(f"private key: {priv} (plural node start --auth-key {priv})\npublic key: {pub} (plural federate allow-node {pub} ...)")
 

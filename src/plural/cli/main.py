@@ -58,7 +58,9 @@ _register()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Under standalone_mode=False click *returns* a command's `typer.Exit(code)` instead of
+        # exiting with it, so the code must be passed on here or every command would exit 0.
+        rc = app(standalone_mode=False)
     except PluralError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
@@ -76,6 +78,7 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(1)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

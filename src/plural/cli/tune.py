@@ -21,8 +21,7 @@ def load_tune_config(config: Path, overrides: list[str]):
     from plural.config import load_config
     from plural.tune.config import TuneConfig
 
-    cfg = load_config(TuneConfig, config, overrides)
-    return cfg.resolve_paths(config.parent)
+    return load_config(TuneConfig, config, overrides)
 
 
 def tune(
@@ -44,28 +43,25 @@ def tune(
             raise PluralError(f"{resume}: not a run folder (no {tune_core.CONFIG_NAME})")
         cfg = load_config(TuneConfig, cfg_path, set_)
         cfg = cfg.model_copy(update={"output": resume})
-        run_dir = resume
     else:
         if config is None:
             raise PluralError("give a CONFIG file or --resume RUN_DIR")
-        cfg = load_tune_config(config, set_)
-        run_dir = tune_core.prepare_run_dir(cfg, resume=False)
-    for f in list(cfg.data.train) + ([cfg.data.eval] if cfg.data.eval else []):
-        if not Path(f).is_file():
-            raise PluralError(f"data file {f} not found (paths are relative to the config file's folder)")
+        cfg = load_config(TuneConfig, config, set_)
+    run_dir = Path(cfg.output)
 
     if nproc > 1:
+        tune_core.check_inputs(cfg)
+        tune_core.prepare_run_dir(cfg, resume=resume is not None)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "plural.tune.launch", str(run_dir)] + (["--resume"] if resume else [])
         out.print(f"[dim]{' '.join(cmd)}[/]")
-        rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))})
-        if rc != 0:
-            raise PluralError(f"training failed in one of the {nproc} processes (exit {rc}); see the messages above")
+        with tune_core.undo_failed_start(run_dir, resume is not None):
+            rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))})
+            if rc != 0:
+                raise PluralError(f"training failed in one of the {nproc} processes (exit {rc}); see the messages above")
         adapter = run_dir / "adapter"
     else:
-        import importlib
-
-        adapter = importlib.import_module(tune_core.RECIPES[cfg.method]).run(cfg, run_dir, resume=resume is not None)
+        adapter = tune_core.run(cfg, resume=resume is not None)
     _summary(run_dir, adapter)
 
 

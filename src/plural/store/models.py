@@ -120,6 +120,7 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
     if src.is_file():
         if src.suffix.lower() != ".gguf":
             raise PluralError(f"{src}: expected a .gguf file or a Hugging Face model folder")
+        _check_gguf(src)
         load_kw: dict[str, Any] = {"gguf_file": src.name}
         src_dir = src.parent
     else:
@@ -130,6 +131,8 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
                 f"{src}: no .safetensors weights. Plural never unpickles weights (.bin/.pt); "
                 "convert them to safetensors first"
             )
+        for f in sorted(src.glob("*.safetensors")):
+            _check_safetensors(f)
         load_kw = {"use_safetensors": True}
         src_dir = src
 
@@ -169,6 +172,32 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
         }
         write_json_atomic(tmp / MANIFEST, manifest)
     return StoredModel(name, final, manifest)
+
+
+# The weight readers below transformers raise bare struct.error / SafetensorError (or worse) on a
+# truncated or foreign file, without saying which file; parse each file first and name it.
+
+def _check_gguf(path: Path) -> None:
+    from gguf import GGUFReader
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise PluralError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        GGUFReader(path)  # parses the header, metadata and tensor table, and checks they fit the file
+    except Exception as e:  # any parse failure of an outside file means the file is damaged
+        raise PluralError(f"{path}: damaged or truncated GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):  # checks the header and that it covers the file
+            pass
+    except (SafetensorError, OSError) as e:
+        raise PluralError(f"{path}: damaged or truncated safetensors file ({e})") from e
 
 
 def _default_name(src: Path) -> str:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from plural.config import dump_yaml
 from plural.errors import PluralError
@@ -11,24 +15,57 @@ from plural.errors import PluralError
 # method -> module with `run(cfg, run_dir, resume) -> adapter path`
 RECIPES = {"sft": "plural.tune.sft", "text": "plural.tune.text", "dpo": "plural.tune.dpo", "orpo": "plural.tune.orpo"}
 CONFIG_NAME = "config.yaml"
+# What a run folder holds once its first optimizer step is done (tune.loop writes them).
+STARTED = ("log.jsonl", "checkpoints", "adapter")
+
+
+def check_inputs(cfg) -> None:
+    """Fail before anything is written when a data file is missing."""
+    for f in list(cfg.data.train) + ([cfg.data.eval] if cfg.data.eval else []):
+        if not Path(f).is_file():
+            raise PluralError(f"data file {f} not found (relative paths in a config file are relative to its folder)")
+
+
+def started(run_dir: Path) -> bool:
+    return any((Path(run_dir) / n).exists() for n in STARTED)
 
 
 def prepare_run_dir(cfg, resume: bool) -> Path:
-    """Create the run folder (refusing to overwrite a finished or unrelated one)."""
-    import os
+    """Create the run folder (refusing to overwrite a finished or unrelated one).
 
+    A folder holding only config.yaml is a start that failed or was killed before its first step
+    (loading, data, batch size): it is reused, so a corrected retry is never refused."""
     run_dir = Path(cfg.output)
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if not resume and run_dir.exists() and any(p.name != CONFIG_NAME for p in run_dir.iterdir()):
         raise PluralError(f"run folder {run_dir} exists and is not empty: use `plural tune --resume {run_dir}` or set output: to a new folder")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if not resume and int(os.environ.get("RANK", "0")) == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_NAME).write_text(dump_yaml(cfg), encoding="utf-8")
     return run_dir
+
+
+@contextmanager
+def undo_failed_start(run_dir: Path, resume: bool) -> Iterator[None]:
+    """If training fails before its first optimizer step, remove what the start wrote (config.yaml,
+    the folder if it is then empty), so the retry finds no run folder in its way."""
+    existed = run_dir.exists() and any(p.name != CONFIG_NAME for p in run_dir.iterdir())
+    try:
+        yield
+    except BaseException:
+        if not resume and not existed and not started(run_dir):
+            (run_dir / CONFIG_NAME).unlink(missing_ok=True)
+            if run_dir.is_dir() and not any(run_dir.iterdir()):
+                shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def run(cfg, resume: bool = False) -> Path:
     """Train per `cfg` into its run folder; returns the adapter folder."""
     if cfg.method not in RECIPES:
         raise PluralError(f"method: {cfg.method!r} is not one of {', '.join(RECIPES)}")
-    run_dir = Path(cfg.output) if resume else prepare_run_dir(cfg, resume)
-    return importlib.import_module(RECIPES[cfg.method]).run(cfg, run_dir, resume=resume)
+    check_inputs(cfg)
+    run_dir = prepare_run_dir(cfg, resume)
+    from plural.tune.loop import writing
+
+    with undo_failed_start(run_dir, resume), writing(run_dir, run_dir):  # a full disk anywhere else in the run
+        return importlib.import_module(RECIPES[cfg.method]).run(cfg, run_dir, resume=resume)

@@ -19,10 +19,13 @@ renamed, so a SIGKILL at any moment leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -214,8 +217,41 @@ def _set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and "No space left on device" in str(e)
+
+
+class writing:
+    """Turn a full disk while writing `path` into a PluralError that says so and names the path
+    (instead of a traceback from deep inside torch or safetensors)."""
+
+    def __init__(self, path: Path, resume_hint: Path | None = None):
+        self.path, self.hint = path, resume_hint
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ, e, tb) -> bool:
+        if e is not None and _disk_full(e):
+            hint = f"; free some space, then `plural tune --resume {self.hint}` continues from the last complete checkpoint" if self.hint else ""
+            raise PluralError(f"{self.path}: no space left on device{hint}") from e
+        return False
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    # Bytes through a Python file object, so a full disk surfaces as OSError(ENOSPC) with its
+    # errno: torch.save to a *path* reports it from its C++ writer as "[enforce fail at
+    # inline_container.cc] ... file write failed", which does not say why (issue 11).
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(run_dir: Path, step: int, model, opt, sched, history: list, dist: Dist, keep: int) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     rngs = [None] * dist.world
     if dist.world > 1:
@@ -224,15 +260,38 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, sched, history: list, 
         rngs = [_rng_state()]
     if dist.main:
         final = run_dir / CKPT_DIR / f"step-{step:07d}"
-        with atomic_dir(final, overwrite=True) as tmp:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}, tmp / "state.pt")
+        # atomic_dir removes the half-written temporary folder on any failure, so the previous
+        # checkpoint stays the newest complete one and the run stays resumable.
+        with writing(final, run_dir), atomic_dir(final, overwrite=True) as tmp:
+            _write_file(tmp / "trainable.safetensors", safetensors_bytes(trainable_state(model)))
+            buf = io.BytesIO()
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}, buf)
+            _write_file(tmp / "state.pt", buf.getbuffer())
             write_json_atomic(tmp / "state.json", {"step": step, "history": history, "world_size": dist.world})
         for old in list_checkpoints(run_dir)[:-keep]:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def clean_for_resume(run_dir: Path, step: int) -> None:
+    """Before resuming at `step`: remove temporary folders a kill left behind (a checkpoint or the
+    adapter being written), and drop log.jsonl lines past `step`, which the resumed run redoes."""
+    for pattern in (f"{CKPT_DIR}/.step-*.tmp-*", f"{CKPT_DIR}/.step-*.old-*", ".adapter.tmp-*", ".adapter.old-*"):
+        for d in run_dir.glob(pattern):
+            shutil.rmtree(d, ignore_errors=True)
+    log = run_dir / "log.jsonl"
+    if log.is_file():
+        keep = []
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                pass
+        tmp = log.with_name(f".{log.name}.tmp")
+        with writing(log, run_dir):
+            tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+            os.replace(tmp, log)
 
 
 def load_checkpoint(ckpt: Path, model, opt, sched, dist: Dist) -> tuple[int, list]:
@@ -331,6 +390,9 @@ def fit(
         ckpts = list_checkpoints(run_dir)
         if ckpts:
             start, history = load_checkpoint(ckpts[-1], model, opt, sched, dist)
+        if dist.main:
+            clean_for_resume(run_dir, start)
+        dist.barrier()
 
     progress = _Progress(n_steps, start, enabled=dist.main)
     t0 = time.perf_counter()
@@ -365,7 +427,7 @@ def fit(
             elapsed = time.perf_counter() - t0
             progress.update(step + 1, loss, tokens / elapsed if elapsed else 0.0)
             if dist.main:
-                with open(log_path, "a", encoding="utf-8") as f:
+                with writing(log_path, run_dir), open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
             if on_step:
                 on_step(step + 1, rec)
