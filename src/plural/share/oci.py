@@ -39,8 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from plural.config import format_validation_error
 from plural.errors import PluralError
-from plural.share.signing import PROVENANCE, SIGNATURE, adapter_digest, signature_key_hint
-from plural.store.adapters import CONFIG, MANIFEST, WEIGHTS, read_manifest, resolve_adapter
+from plural.share.signing import PROVENANCE, SIGNATURE, adapter_digest
+from plural.store.adapters import CONFIG, WEIGHTS, read_manifest, resolve_adapter
 from plural.store.paths import adapters_dir, atomic_dir
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -131,6 +131,27 @@ def _verify_provenance(folder: Path, signer: TrustedSigner) -> dict:
     return stmt["predicate"]
 
 
+def _mismatch(bundle, folder: Path) -> str | None:
+    """Which files differ from the (already authenticated) signed statement, by name."""
+    try:
+        stmt = json.loads(bundle.bundle.dsse_envelope.payload)
+        signed = {r["name"]: r["digest"] for r in stmt["predicate"]["resources"]}
+    except (ValueError, KeyError, TypeError):
+        return None
+    try:
+        folder_digests = file_digests(folder)
+    except PluralError as e:
+        return str(e)
+    parts = []
+    changed = sorted(n for n in signed if n in folder_digests and folder_digests[n] != signed[n])
+    added = sorted(set(folder_digests) - set(signed))
+    missing = sorted(set(signed) - set(folder_digests))
+    for label, names in (("changed since signing", changed), ("added", added), ("missing", missing)):
+        if names:
+            parts.append(f"{label}: {', '.join(names)}")
+    return "does not match its signature: " + "; ".join(parts) if parts else None
+
+
 def verify_adapter(folder: str | Path, policy: TrustPolicy, min_version: str | None = None,
                    check_store: bool = True) -> SignerInfo:
     """Every file matches the OMS signature, the signer is trusted for this adapter and base.
@@ -155,7 +176,7 @@ def verify_adapter(folder: str | Path, policy: TrustPolicy, min_version: str | N
     except InvalidSignature as e:
         raise PluralError(f"{sig}: the signature does not verify with {signer.name}'s key (the signed statement was altered)") from e
     except ValueError as e:
-        raise PluralError(f"{folder}: {e}") from e
+        raise PluralError(f"{folder}: {_mismatch(bundle, folder) or e}") from e
     pred = _verify_provenance(folder, signer)
     man_path = folder / MANIFEST
     manifest = json.loads(man_path.read_text(encoding="utf-8")) if man_path.is_file() else {}
