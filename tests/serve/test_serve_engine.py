@@ -156,3 +156,44 @@ def test_mailbox_delivers_one_steps_events_in_order_with_one_wakeup():
         assert [a.get_nowait() for _ in range(3)] == [1, 3, 5]
 
     asyncio.run(main())
+
+
+def test_an_exception_in_one_sequence_fails_it_alone(tiny_engine, monkeypatch):
+    """Whatever raises while serving one sequence (here its detokeniser) ends that sequence with an
+    error; the others in the same batch finish with the tokens they get alone."""
+    import plural.serve.engine as engine_mod
+    from plural.serve.detok import TextStream
+
+    class Exploding(TextStream):
+        def push(self, token_id):
+            if "BOOM" in self.stop and len(self.ids) >= 2:
+                raise RuntimeError("detokeniser failure")
+            return super().push(token_id)
+
+    eng, tok = tiny_engine
+    jobs = [(eng.adapters[n] if n else None, encode_prompt(tok, PROMPTS[i]), SamplingParams(max_tokens=10, temperature=0.0))
+            for i, n in enumerate([None, "qv4", "all8", "rs2"])]
+    alone = run_engine(eng, jobs)
+    monkeypatch.setattr(engine_mod, "TextStream", Exploding)
+    finished: dict[int, object] = {}
+    done = threading.Event()
+
+    def sink(i):
+        def emit(ev):
+            if ev.finish_reason:
+                finished[i] = ev
+                if len(finished) == 5:
+                    done.set()
+        return emit
+
+    bad = SamplingParams(max_tokens=10, temperature=0.0, stop=("BOOM",))
+    seqs = [Sequence("m", a, ids, p, sink(i)) for i, (a, ids, p) in enumerate(jobs[:2])]
+    seqs.append(Sequence("m", None, jobs[0][1], bad, sink(2), request_id="req-bad"))
+    seqs += [Sequence("m", a, ids, p, sink(i + 3)) for i, (a, ids, p) in enumerate(jobs[2:])]
+    eng.submit(seqs)
+    assert done.wait(60)
+    assert finished[2].finish_reason == "error" and "req-bad" in finished[2].error
+    assert "detokeniser failure" not in finished[2].error  # internals stay in the server log
+    good = [s for i, s in enumerate(seqs) if i != 2]
+    assert [s.out_ids for s in good] == alone
+    assert all(finished[i].finish_reason == "length" for i in (0, 1, 3, 4))

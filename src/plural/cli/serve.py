@@ -43,19 +43,22 @@ def serve(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int4 (CPU: 4-bit weights in llama.cpp's Q4_1 layout, ~3x less memory traffic per token)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Prompt + completion tokens per request."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Sequences decoded together."),
+    log_level: Optional[str] = typer.Option(None, "--log-level", help="debug | info | warning | error (the server log on stderr)."),
 ) -> None:
     """Serve the base model and LoRA adapters behind an OpenAI-compatible API (many adapters, one batch)."""
     import uvicorn
 
     from plural.serve.app import create_app
+    from plural.serve.lifecycle import DrainingServer, setup_logging
     from plural.serve.settings import load_settings
 
     settings = load_settings(
         config, model=model, adapters=_pairs(adapter, "--adapter", "PATH"), host=host, port=port, dtype=dtype, quantize=quantize,
-        max_model_len=max_model_len, max_batch=max_batch,
+        max_model_len=max_model_len, max_batch=max_batch, log_level=log_level,
         system_prompts=profile_prompts(_pairs(profile, "--profile", "PROFILE.yaml")),
     )
     settings.check_binding()
+    setup_logging(settings.log_level)
     # Only the engine thread should run parallel torch work. With libgomp, once the main thread has
     # opened a multi-threaded OpenMP team (loading the model does), another thread's parallel
     # regions run about 1.4x slower (measured on SmolLM2 decode steps, 2 cores). So the main thread
@@ -67,7 +70,9 @@ def serve(
     app = create_app(settings)
     err.print(f"[green]serving[/] {app.state.base_id} + {len(app.state.engine.adapters)} adapter(s) "
               f"on http://{settings.host}:{settings.port}/v1", highlight=False)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
+    # The drain is plural's (serve.lifecycle); uvicorn's graceful timeout only bounds the last writes.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state, settings.shutdown_timeout).run()
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plural.serve.engine import Engine
+from plural.serve.guard import Guard
 from plural.serve.metrics import Metrics
 from plural.serve.registry import confine, make_adapter
 from plural.serve.routes import router
@@ -54,7 +55,8 @@ def build_state(app: FastAPI, settings: ServeSettings) -> None:
     s.tokenizer = tok
     s.base_id, s.base_path = stored.name, stored.path
     s.created = int(time.time())
-    s.stopping = False
+    s.stopping = False  # set when a shutdown drain starts: new requests get 503 shutting_down
+    s.in_flight = 0  # HTTP requests being answered (counted by the Guard middleware)
     s.engine = Engine(model, tok, max_batch=settings.max_batch, max_len=max_len, max_queue=settings.max_queue,
                       max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
                       cache_bytes=int(settings.adapter_cache_mb * 2**20), dtype=pick_dtype(settings.dtype, device),
@@ -64,7 +66,7 @@ def build_state(app: FastAPI, settings: ServeSettings) -> None:
     def register_adapter(name: str, ref: str, confined: bool):
         # Admin-API paths must lie in the store or adapter_dirs; the operator's own --adapter flags need not.
         path = confine(ref, roots) if confined else ref
-        a = make_adapter(name, path, stored, model.config, settings.max_lora_rank)
+        a = make_adapter(name, path, stored, model.config, settings.max_lora_rank, roots if confined else None)
         if a.nbytes > s.engine.cache_bytes:
             from plural.errors import PluralError
 
@@ -88,8 +90,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.engine.start()
         yield
-        # Uvicorn has already let in-flight HTTP requests finish (or hit its graceful timeout);
-        # whatever is still queued or running is cancelled with a 503 / SSE error.
+        # The drain (serve.lifecycle) has let in-flight requests finish, or cancelled them at its
+        # deadline; whatever is left (a server stopped without one) is cancelled with a 503 / SSE error.
         app.state.stopping = True
         app.state.engine.stop(drain_seconds=0)
 
@@ -97,23 +99,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                   description="OpenAI-compatible server for a base model and its LoRA adapters.")
     build_state(app, settings)
     app.include_router(router)
-    max_body = settings.max_body_bytes
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return _error(APIError(413, f"request body is larger than {max_body} bytes (max_body_bytes)",
-                                   code="request_too_large"))
-        if length is None and request.method in ("POST", "PUT", "PATCH"):
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body:
-                    return _error(APIError(413, f"request body is larger than {max_body} bytes (max_body_bytes)",
-                                           code="request_too_large"))
-            request._body = body
-        return await call_next(request)
+    app.add_middleware(Guard, state=app.state)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -122,7 +108,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         err = e.errors()[0]
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _union_tag(x)]
         param = ".".join(loc) or None
         if err.get("type") == "extra_forbidden":
             msg = f"{param}: this field is not supported by plural serve"
@@ -139,11 +125,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return _error(APIError(e.status_code, str(e.detail), type=kind), request)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        return _error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"), request)
-
     return app
+
+
+def _union_tag(x) -> bool:
+    """pydantic names the union member that failed in the error's location ("str", "list[int]",
+    "function-after[...]"): not a field of the request, so not part of `param`."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool", "none") or "[" in x)
 
 
 def _error(e: APIError, request: Request | None = None) -> JSONResponse:

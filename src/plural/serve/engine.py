@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -29,8 +30,12 @@ from typing import Callable
 import torch
 
 from plural.errors import PluralError
+from plural.serve.detok import TextStream
 from plural.serve.llama import LlamaRunner
 from plural.serve.lora import AdapterWeights, LoraSlots, read_adapter
+from plural.serve.sampler import SamplingParams, make_generator, sample
+
+log = logging.getLogger("plural.serve")
 
 
 class QueueFull(Exception):
@@ -39,17 +44,6 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down (answered 503)."""
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
-    ignore_eos: bool = False
 
 
 @dataclass
@@ -80,30 +74,34 @@ class Adapter:
     rank: int
     scale: float
     nbytes: int
+    weights: Path | None = None  # the weights file, resolved at registration (default: path / adapter_model.safetensors)
+    sha256: str = ""  # of the weights file as checked at registration; a load refuses other bytes
     slot: int | None = None
     loading: Future | None = None
     users: int = 0  # running or admitted sequences
     last_used: float = 0.0
     removed: bool = False
 
+    def weights_file(self) -> Path:
+        from plural.store.adapters import WEIGHTS
+
+        return self.weights or self.path / WEIGHTS
+
 
 class Sequence:
     _ids = itertools.count()
 
     def __init__(self, model_id: str, adapter: Adapter | None, prompt_ids: list[int], params: SamplingParams,
-                 emit: Callable[[Event], None]):
+                 emit: Callable[[Event], None], request_id: str = ""):
         self.id = next(self._ids)
         self.model_id, self.adapter, self.prompt_ids, self.params, self.emit = model_id, adapter, prompt_ids, params, emit
+        self.request_id = request_id  # the HTTP request's id, for the server log
         self.out_ids: list[int] = []
-        self.text = ""  # decoded so far (stop strings already cut)
-        self.sent = 0  # characters of `text` already emitted
-        self.prefix_offset = self.read_offset = 0  # incremental detokenisation (as in TGI)
+        self.stream: TextStream | None = None  # made on the engine thread at the first token
         self.row: int | None = None
         self.cancelled = False
         self.done = False
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        self.generator = make_generator(params.seed)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -216,11 +214,14 @@ class Engine:
                     fut.set_exception(e)
             try:
                 self._step()
-            except Exception as e:  # never leave clients hanging: fail everyone in flight, keep serving
-                msg = f"engine error: {type(e).__name__}: {e}"
-                for s in [s for s in self.rows if s is not None] + list(self.waiting):
-                    self._finish(s, "error", error=msg)
-                self.waiting.clear()
+            except Exception:
+                # A failure of the batch itself (a forward pass), not of one sequence (those are
+                # caught per sequence): fail the running rows, keep the waiting ones and serve on.
+                running = [s for s in self.rows if s is not None]
+                log.exception("engine step failed; failing %d running sequence(s): %s", len(running),
+                              ", ".join(sorted({s.request_id for s in running})))
+                for s in running:
+                    self._fail(s)
             self._after_step()
         for s in [s for s in self.rows if s is not None] + list(self.waiting) + list(self.inbox):
             self._finish(s, "cancelled", error="the server shut down before this request finished")
@@ -283,7 +284,7 @@ class Engine:
         if not self.free_slots or used + a.nbytes > self.cache_bytes:
             return  # everything resident is busy: try again after some sequences finish
         a.slot = self.free_slots.pop()
-        a.loading = self.loader.submit(read_adapter, a.path, a.rank, a.scale, self.dtype)
+        a.loading = self.loader.submit(read_adapter, a.weights_file(), a.rank, a.scale, self.dtype, a.sha256)
         self.loading.append(a)
 
     def _resident(self) -> list[Adapter]:
@@ -308,9 +309,12 @@ class Engine:
             except Exception as e:
                 self.free_slots.append(a.slot)
                 a.slot = None
-                msg = f"adapter {a.name!r} could not be loaded from {a.path}: {e}"
-                for s in [s for s in self.waiting if s.adapter is a]:
-                    self._finish(s, "error", error=msg)
+                waiting = [s for s in self.waiting if s.adapter is a]
+                # The detail (a path, the library's message) is for the operator's log only.
+                log.error("adapter %r could not be loaded from %s: %s (requests %s)", a.name, a.path, e,
+                          ", ".join(sorted({s.request_id for s in waiting})), exc_info=not isinstance(e, PluralError))
+                for s in waiting:
+                    self._finish(s, "error", error=f"adapter {a.name!r} could not be loaded (request id {s.request_id})")
                 self.waiting = deque(s for s in self.waiting if s.adapter is not a)
                 continue
             self.slots.write(a.slot, w)
@@ -363,60 +367,56 @@ class Engine:
         self._sample_and_emit([s for _, s in live], logits[[i for i, _ in live]].cpu())
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """logits [n, V] fp32 on CPU, one row per sequence."""
-        greedy = logits.argmax(-1).tolist()
+        """logits [n, V] fp32 on CPU, one row per sequence. Whatever goes wrong for one sequence
+        (its sampling, detokenisation, stop strings) fails that sequence alone (issue 11)."""
+        tokens, errors = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         want_lp = [s.params.logprobs is not None for s in seqs]
         logp = torch.log_softmax(logits, -1) if any(want_lp) else None
         for i, s in enumerate(seqs):
-            p = s.params
-            tok = greedy[i] if p.temperature == 0 else _sample(logits[i], p.temperature, p.top_p, s.generator)
-            lp = None
-            if want_lp[i]:
-                top = []
-                if p.logprobs:
-                    v, ix = logp[i].topk(p.logprobs)
-                    top = list(zip(ix.tolist(), v.tolist()))
-                lp = TokenLogprob(tok, float(logp[i, tok]), top)
-            self._append(s, tok, lp)
+            if errors[i] is not None:
+                log.error("request %s (model %s): %s", s.request_id, s.model_id, errors[i])
+                self._fail(s, errors[i])
+                continue
+            try:
+                lp = None
+                if want_lp[i]:
+                    top = []
+                    if s.params.logprobs:
+                        v, ix = logp[i].topk(s.params.logprobs)
+                        top = list(zip(ix.tolist(), v.tolist()))
+                    lp = TokenLogprob(tokens[i], float(logp[i, tokens[i]]), top)
+                self._append(s, tokens[i], lp)
+            except Exception:
+                log.exception("request %s (model %s): failed after %d tokens", s.request_id, s.model_id, len(s.out_ids))
+                self._fail(s)
 
     def _append(self, s: Sequence, tok: int, lp: TokenLogprob | None) -> None:
         if tok in self.stop_ids and not s.params.ignore_eos:
             self._finish(s, "stop")
             return
         s.out_ids.append(tok)
-        # Incremental detokenisation: decode a short window so multi-byte characters and
-        # word-boundary spaces come out right (text is only emitted once it is stable).
-        prefix = self.tok.decode(s.out_ids[s.prefix_offset:s.read_offset], skip_special_tokens=True)
-        new = self.tok.decode(s.out_ids[s.prefix_offset:], skip_special_tokens=True)
-        if len(new) > len(prefix) and not new.endswith("\ufffd"):
-            s.text += new[len(prefix):]
-            s.prefix_offset, s.read_offset = s.read_offset, len(s.out_ids)
-        finish = None
-        hold = 0
-        if s.params.stop:
-            start = max(0, s.sent - max(len(x) for x in s.params.stop))
-            hits = [(i, x) for x in s.params.stop if (i := s.text.find(x, start)) >= 0]
-            if hits:
-                s.text = s.text[: min(hits)[0]]
-                finish = "stop"
-            else:
-                # Hold back a tail that could be the start of a stop string.
-                hold = max(len(x) for x in s.params.stop) - 1
+        if s.stream is None:
+            s.stream = TextStream(self.tok, s.params.stop)
+        text = s.stream.push(tok)
+        finish = "stop" if s.stream.stopped else None
         if finish is None and (len(s.out_ids) >= s.params.max_tokens or len(s.prompt_ids) + len(s.out_ids) >= self.max_len):
             finish = "length"
         if finish is None:
-            upto = max(s.sent, len(s.text) - hold)
-            ev = Event(text=s.text[s.sent:upto], token_ids=[tok], logprobs=[lp] if lp else [],
-                       completion_tokens=len(s.out_ids))
-            s.sent = upto
-            s.emit(ev)
+            s.emit(Event(text=text, token_ids=[tok], logprobs=[lp] if lp else [], completion_tokens=len(s.out_ids)))
         else:
-            self._finish(s, finish, last=(tok, lp))
+            self._finish(s, finish, last=(tok, lp), text=text)
 
-    def _finish(self, s: Sequence, reason: str, error: str | None = None, last=None) -> None:
+    def _fail(self, s: Sequence, why: str = "") -> None:
+        """Fail one sequence with a message that carries no internals, only the request id to look up in the log."""
+        what = f"{why}; " if why else ""
+        self._finish(s, "error", error=f"the server could not finish this request ({what}request id {s.request_id})")
+
+    def _finish(self, s: Sequence, reason: str, error: str | None = None, last=None, text: str = "") -> None:
         if s.done:
             return
         s.done = True
+        if self.metrics:  # here, not where the client reads: a cancelled stream's tokens count too
+            self.metrics.generation_tokens.labels(s.model_id).inc(len(s.out_ids))
         if s.row is not None:
             self.rows[s.row] = None
             heapq.heappush(self.free_rows, s.row)
@@ -430,21 +430,8 @@ class Engine:
             ev.token_ids = [last[0]]
             ev.logprobs = [last[1]] if last[1] else []
         if reason in ("stop", "length") and error is None:
-            if reason == "length" and s.text.endswith("\ufffd"):
-                s.text = s.text[:-1]
-            ev.text = s.text[s.sent:]
-            s.sent = len(s.text)
+            ev.text = text + (s.stream.rest() if s.stream is not None else "")
         s.emit(ev)
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
-    """Temperature, then nucleus (top-p: the smallest set of tokens whose probability reaches p)."""
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(-1) - sp < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _stop_token_ids(model, tok) -> set[int]:

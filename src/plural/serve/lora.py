@@ -50,9 +50,11 @@ def module_shapes(config) -> dict[str, tuple[int, int]]:
     }
 
 
-def check_adapter_config(path: Path, cfg: dict, max_rank: int) -> tuple[int, float]:
-    """Refuse LoRA variants the batched kernel does not compute; return (rank, scale)."""
-    where = f"adapter {path}"
+def check_adapter_config(path: Path, cfg: object, max_rank: int) -> tuple[int, float]:
+    """Refuse LoRA variants the batched kernel does not compute, and malformed configs; return (rank, scale)."""
+    where = f"adapter {path}: adapter_config.json"
+    if not isinstance(cfg, dict):
+        raise PluralError(f"{where}: must be a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise PluralError(f"{where}: peft_type {cfg.get('peft_type')!r} is not served; only LORA adapters are")
     for key, ok in (("use_dora", False), ("bias", "none")):
@@ -61,11 +63,17 @@ def check_adapter_config(path: Path, cfg: dict, max_rank: int) -> tuple[int, flo
     for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
         if cfg.get(key):
             raise PluralError(f"{where}: {key} is not supported by the server")
-    r = int(cfg.get("r", 8))
+    r = cfg.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise PluralError(f"{where}: r must be a positive integer, got {r!r}")
     if r > max_rank:
         raise PluralError(f"{where}: rank {r} exceeds the server's max_lora_rank {max_rank}. Fix: raise max_lora_rank")
-    alpha = float(cfg.get("lora_alpha", r))
-    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    alpha = cfg.get("lora_alpha", r)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha == alpha or abs(alpha) == float("inf"):
+        raise PluralError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise PluralError(f"{where}: use_rslora must be true or false")
+    scale = float(alpha) / (r ** 0.5) if cfg.get("use_rslora") else float(alpha) / r
     return r, scale
 
 
@@ -92,12 +100,19 @@ def check_tensors(path: Path, shapes_on_disk: dict[str, tuple[int, ...]], rank: 
             )
 
 
-def read_adapter(path: Path, rank: int, scale: float, dtype: torch.dtype) -> AdapterWeights:
-    from plural.store.adapters import load_adapter_weights
+def read_adapter(weights: Path, rank: int, scale: float, dtype: torch.dtype, sha256: str = "") -> AdapterWeights:
+    """The adapter's factors from its weights file, parsed from the very bytes that are hashed: when
+    `sha256` (taken at registration) is given, a file changed since then is refused, not served."""
+    import hashlib
 
+    from safetensors.torch import load as load_bytes
+
+    data = weights.read_bytes()
+    if sha256 and "sha256:" + hashlib.sha256(data).hexdigest() != sha256:
+        raise PluralError(f"{weights} changed since the adapter was registered; register it again")
     a, b = {}, {}
     nbytes = 0
-    for key, t in load_adapter_weights(path).items():
+    for key, t in load_bytes(data).items():
         m = _KEY.search(key)
         layer, mod, ab = int(m.group(1)), m.group(2), m.group(3)
         if ab == "A":

@@ -8,9 +8,29 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _encodable(v: str) -> str:
+    # JSON may carry a lone surrogate ("\ud800"): valid JSON, but not text any tokenizer can take.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains a lone surrogate (U+{ord(v[e.start]):04X}) at character {e.start}; "
+                         "send valid Unicode text") from None
+    return v
+
+
+def _no_nul(v: str) -> str:
+    if "\x00" in v:
+        raise ValueError("contains a NUL byte")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+INT64 = 2**63
 
 
 class Request(BaseModel):
@@ -23,13 +43,13 @@ class StreamOptions(Request):
 
 class TextPart(Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -40,16 +60,16 @@ class ChatMessage(Request):
 
 
 class SamplingFields(Request):
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)  # int64, as in OpenAI's spec
+    stop: Text | list[Text] | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # an end-user id for the operator's logs; it does not change the output
+    user: Text | None = None  # an end-user id for the operator's logs; it does not change the output
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-turn (benchmarks)
 
     @model_validator(mode="after")
@@ -79,7 +99,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] = Field(min_length=1)
+    prompt: Text | list[Text] | list[int] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
 
@@ -203,8 +223,8 @@ class ErrorResponse(BaseModel):
 
 
 class LoadAdapterRequest(Request):
-    name: str = Field(min_length=1, max_length=128)
-    path: str = Field(min_length=1, max_length=4096)
+    name: Annotated[Text, AfterValidator(_no_nul)] = Field(min_length=1, max_length=128)
+    path: Annotated[Text, AfterValidator(_no_nul)] = Field(min_length=1, max_length=4096)
 
 
 class AdapterInfo(BaseModel):

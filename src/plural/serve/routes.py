@@ -7,19 +7,24 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+import logging
+
 from plural.errors import PluralError
 from plural.serve import protocol as P
+from plural.serve.engine import EngineStopped
+from plural.serve.registry import check_model_id
 from plural.serve.serving import APIError, not_found
-from plural.serve.tenants import Tenant, bearer
+from plural.serve.tenants import ADMIN, Tenant, bearer
 
 ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503)}
 router = APIRouter(responses=ERRORS)
+log = logging.getLogger("plural.serve")
 
 
 def tenant(request: Request) -> Tenant:
     keys = request.app.state.keys
     token = bearer(request.headers.get("authorization"))
-    t = keys.tenant(token)
+    t = ADMIN if keys.is_admin(token) else keys.tenant(token)  # the admin key sees every model
     if t is None:
         raise APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer KEY'.",
                        code="invalid_api_key")
@@ -62,9 +67,16 @@ async def respond(request: Request, job, make, stream_fn, req) -> Response:
     state = request.app.state
     if req.stream:
         async def counted():
-            async for item in stream_fn(req, job):
-                yield item
-            state.metrics.requests.labels(req.model, "200").inc()
+            try:
+                async for item in stream_fn(req, job):
+                    yield item
+            except Exception:  # the response is under way: end the stream with an error event, log the rest
+                log.exception("request %s: stream failed", job.seqs[0].request_id if job.seqs else "")
+                job.status = 500
+                yield ('data: {"error": {"message": "internal server error (request id %s)", "type": "server_error", '
+                       '"param": null, "code": "internal_error"}}\n\ndata: [DONE]\n\n' % request.state.request_id)
+            finally:
+                state.metrics.requests.labels(req.model, str(job.status)).inc()
 
         # Starlette cancels the generator when the client disconnects; `events` then cancels the sequences.
         return StreamingResponse(counted(), media_type="text/event-stream",
@@ -87,7 +99,7 @@ async def chat_completions(req: P.ChatCompletionRequest, request: Request, t: Te
         raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them", param="max_tokens")
     max_tokens = req.max_completion_tokens or req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    job = serving.submit(req.model, [serving.chat_prompt(req)], req, max_tokens, logprobs)
+    job = serving.submit(req.model, [await serving.chat_prompt(req)], req, max_tokens, logprobs, request.state.request_id)
     return await respond(request, job, serving.chat, serving.stream_chat, req)
 
 
@@ -96,20 +108,31 @@ async def completions(req: P.CompletionRequest, request: Request, t: Tenant = De
     state = request.app.state
     check_model(state, t, req.model, request)
     serving = state.serving
-    job = serving.submit(req.model, serving.completion_prompts(req), req, req.max_tokens, req.logprobs)
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo: not supported together with logprobs (prompt logprobs are not computed)", param="echo")
+    prompts = await serving.completion_prompts(req)
+    job = serving.submit(req.model, prompts, req, req.max_tokens, req.logprobs, request.state.request_id)
+    if req.echo:  # the prompt as sent (token-id prompts decoded), once per choice
+        texts = [req.prompt] if isinstance(req.prompt, str) else (
+            [state.tokenizer.decode(req.prompt)] if isinstance(req.prompt[0], int) else list(req.prompt))
+        job.echo = [texts[k // req.n] for k in range(len(job.seqs))]
     return await respond(request, job, serving.completion, serving.stream_completion, req)
 
 
-@router.get("/v1/models", response_model=P.ModelList)
+@router.get("/v1/models", response_model=P.ModelList, response_model_exclude_none=True)
 async def list_models(request: Request, t: Tenant = Depends(tenant)):
     state = request.app.state
-    cards = [P.ModelCard(id=state.base_id, created=state.created, owned_by="plural", root=str(state.base_path))]
+    # Server paths are the operator's business: only the admin key sees where each model lives.
+    paths = state.keys.is_admin(bearer(request.headers.get("authorization")))
+    cards = [P.ModelCard(id=state.base_id, created=state.created, owned_by="plural",
+                         root=str(state.base_path) if paths else None)]
     for name, a in state.engine.adapters.items():
-        cards.append(P.ModelCard(id=name, created=state.created, owned_by="plural", parent=state.base_id, root=str(a.path)))
+        cards.append(P.ModelCard(id=name, created=state.created, owned_by="plural", parent=state.base_id,
+                                 root=str(a.path) if paths else None))
     return P.ModelList(data=[c for c in cards if t.allows(c.id)])
 
 
-@router.get("/v1/models/{model_id:path}", response_model=P.ModelCard)
+@router.get("/v1/models/{model_id:path}", response_model=P.ModelCard, response_model_exclude_none=True)
 async def get_model(model_id: str, request: Request, t: Tenant = Depends(tenant)):
     listing = await list_models(request, t)
     for c in listing.data:
@@ -134,6 +157,13 @@ async def metrics(request: Request):
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+async def engine_call(state, fn):
+    try:
+        return await asyncio.to_thread(state.engine.call, fn)
+    except EngineStopped as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "5"}) from e
+
+
 @router.get("/admin/adapters", response_model=list[P.AdapterInfo], dependencies=[Depends(admin)])
 async def admin_list(request: Request):
     return [P.AdapterInfo(name=a.name, path=str(a.path), rank=a.rank, resident=a.slot is not None and a.loading is None,
@@ -146,10 +176,14 @@ async def admin_load(body: P.LoadAdapterRequest, request: Request):
     if body.name == state.base_id:
         raise APIError(400, f"name: {body.name!r} is the base model's id", param="name")
     try:
+        check_model_id(body.name)
+    except PluralError as e:
+        raise APIError(400, f"name: {e}", param="name") from e
+    try:
         a = await asyncio.to_thread(state.register_adapter, body.name, body.path, True)
     except PluralError as e:
-        raise APIError(400, str(e), param="path") from e
-    await asyncio.to_thread(state.engine.call, lambda: state.engine.add_adapter(a))
+        raise APIError(400, f"path: {e}", param="path") from e
+    await engine_call(state, lambda: state.engine.add_adapter(a))
     return P.AdapterInfo(name=a.name, path=str(a.path), rank=a.rank, resident=False, running=0)
 
 
@@ -158,5 +192,5 @@ async def admin_unload(name: str, request: Request):
     state = request.app.state
     if name not in state.engine.adapters:
         raise APIError(404, f"no adapter {name!r} is loaded", param="name", code="model_not_found")
-    await asyncio.to_thread(state.engine.call, lambda: state.engine.remove_adapter(name))
+    await engine_call(state, lambda: state.engine.remove_adapter(name))
     return {"id": name, "object": "model", "deleted": True}

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from plural.serve import protocol as P
-from plural.serve.engine import EngineStopped, Event, QueueFull, SamplingParams, Sequence
+from plural.serve.engine import EngineStopped, Event, QueueFull, Sequence
+from plural.serve.sampler import SamplingParams
 
 
 class APIError(Exception):
@@ -40,7 +41,8 @@ class Job:
     queue: asyncio.Queue
     start: float
     model: str
-
+    status: int = 200  # what the request ended with: a stream that failed midway counts as its error
+    echo: list[str] | None = None  # per sequence, the prompt text that `echo` puts before the completion
 
 class Mailbox:
     """Hands the engine thread's events to the event loop, one wake-up per engine step.
@@ -100,7 +102,14 @@ class Serving:
                               top_p=1.0 if req.top_p is None else req.top_p, seed=seed, stop=req.stop_list(),
                               logprobs=logprobs, ignore_eos=req.ignore_eos)
 
-    def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
+    async def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
+        # Off the event loop: a 4 MB prompt takes a while to tokenise, and every stream waits meanwhile.
+        return await asyncio.to_thread(self._chat_prompt, req)
+
+    async def completion_prompts(self, req: P.CompletionRequest) -> list[list[int]]:
+        return await asyncio.to_thread(self._completion_prompts, req)
+
+    def _chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
         from plural.data.chat import render
 
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
@@ -113,7 +122,7 @@ class Serving:
             raise APIError(400, f"messages: the model's chat template cannot render them: {e}", param="messages") from e
         return self.state.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def completion_prompts(self, req: P.CompletionRequest) -> list[list[int]]:
+    def _completion_prompts(self, req: P.CompletionRequest) -> list[list[int]]:
         tok = self.state.tokenizer
         if isinstance(req.prompt, str):
             prompts = [req.prompt]
@@ -144,7 +153,7 @@ class Serving:
             box.flush()
 
     def submit(self, model: str, prompts: list[list[int]], req: P.SamplingFields, max_tokens: int | None,
-               logprobs: int | None) -> Job:
+               logprobs: int | None, request_id: str = "") -> Job:
         mailbox = self._mailbox()
         queue: asyncio.Queue = asyncio.Queue()
         adapter = self.state.engine.adapters.get(model) if model != self.state.base_id else None
@@ -157,7 +166,7 @@ class Serving:
                 def emit(ev: Event, idx=idx) -> None:
                     mailbox.post(queue, (idx, ev))
 
-                seqs.append(Sequence(model, adapter, p_ids, params, emit))
+                seqs.append(Sequence(model, adapter, p_ids, params, emit, request_id))
         try:
             self.state.engine.submit(seqs)
         except QueueFull as e:
@@ -193,10 +202,11 @@ class Serving:
                     first = False
                 if ev.finish_reason:
                     left -= 1
-                    self.state.metrics.generation_tokens.labels(job.model).inc(ev.completion_tokens)
                     if ev.error:
-                        code = 503 if ev.finish_reason == "cancelled" else 500
-                        raise APIError(code, ev.error, type="server_error", code=ev.finish_reason)
+                        if ev.finish_reason == "cancelled":  # the server shut down
+                            raise APIError(503, ev.error, type="server_error", code="shutting_down",
+                                           headers={"Retry-After": "5"})
+                        raise APIError(500, ev.error, type="server_error", code="internal_error")
                 yield idx, ev
         finally:
             for s in job.seqs:
@@ -251,6 +261,8 @@ class Serving:
             lps[i].extend(ev.logprobs)
             if ev.finish_reason:
                 finish[i], done_tokens[i] = ev.finish_reason, ev.completion_tokens
+        if req.echo:
+            texts = [e + t for e, t in zip(job.echo, texts)]
         choices = [P.CompletionChoice(index=i, text=texts[i], finish_reason=finish[i],
                                       logprobs=self.completion_logprobs(lps[i], 0) if req.logprobs is not None else None)
                    for i in range(len(job.seqs))]
@@ -276,8 +288,9 @@ class Serving:
 
         async for i, ev in _with_errors(self.events(job)):
             if isinstance(ev, APIError):
+                job.status = ev.status
                 yield _sse(ev.body())
-                return
+                break
             if not started[i]:  # OpenAI opens each choice with the role
                 started[i] = True
                 yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(role="assistant", content=""))])
@@ -289,19 +302,24 @@ class Serving:
             if ev.finish_reason:
                 done_tokens[i] = ev.completion_tokens
                 yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(), finish_reason=ev.finish_reason)])
-        if include_usage:
+        if include_usage and job.status == 200:
             yield chunk([], usage=self._usage(job, done_tokens))
-        yield "data: [DONE]\n\n"
+        yield "data: [DONE]\n\n"  # after an error event too, as vLLM does: clients wait for it
 
     async def stream_completion(self, req: P.CompletionRequest, job: Job) -> AsyncIterator[str]:
         base = dict(id=P._id("cmpl"), created=int(time.time()), model=req.model)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         done_tokens = [0] * len(job.seqs)
         offsets = [0] * len(job.seqs)
+        if req.echo:  # the prompt first, as its own chunk per choice
+            for i, text in enumerate(job.echo):
+                yield _sse(P.Completion(**base, choices=[P.CompletionChoice(index=i, text=text,
+                                                                            finish_reason=None)]).model_dump())
         async for i, ev in _with_errors(self.events(job)):
             if isinstance(ev, APIError):
+                job.status = ev.status
                 yield _sse(ev.body())
-                return
+                break
             lp = self.completion_logprobs(ev.logprobs, offsets[i]) if req.logprobs is not None and ev.logprobs else None
             offsets[i] += len(ev.text)
             if ev.finish_reason:
@@ -310,7 +328,7 @@ class Serving:
                 obj = P.Completion(**base, choices=[P.CompletionChoice(index=i, text=ev.text, logprobs=lp,
                                                                        finish_reason=ev.finish_reason)])
                 yield _sse(obj.model_dump())
-        if include_usage:
+        if include_usage and job.status == 200:
             yield _sse(P.Completion(**base, choices=[], usage=self._usage(job, done_tokens)).model_dump())
         yield "data: [DONE]\n\n"
 

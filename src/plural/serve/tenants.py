@@ -19,6 +19,8 @@ class Tenant:
 
 # With no keys configured (loopback-only server) every caller is this tenant.
 OPEN = Tenant("local", frozenset({"*"}))
+# The admin key: every model id (and, at /v1/models, where each one lives on disk).
+ADMIN = Tenant("admin", frozenset({"*"}))
 
 
 class Keys:

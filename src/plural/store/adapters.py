@@ -100,27 +100,33 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     p = resolve_adapter(path) / MANIFEST
     if not p.is_file():
         return {}
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise PluralError(f"{p}: not valid JSON ({e})") from e
+    return _read_json_object(p)
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
-    p = resolve_adapter(path) / CONFIG
+    return _read_json_object(resolve_adapter(path) / CONFIG)
+
+
+def _read_json_object(p: Path) -> dict[str, Any]:
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise PluralError(f"{p}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise PluralError(f"{p}: must be a JSON object, got {type(data).__name__}")
+    return data
 
 
 def check_base(path: str | Path, base: StoredModel) -> None:
     """Refuse an adapter trained on another base (by weight fingerprint, when the manifest has one)."""
     man = read_manifest(path)
-    fp = man.get("base", {}).get("fingerprint")
+    about = man.get("base", {})
+    if not isinstance(about, dict):
+        raise PluralError(f"{path}: plural.json: base must be an object")
+    fp = about.get("fingerprint")
     if fp and fp != base.fingerprint:
         raise PluralError(
-            f"adapter {path} was trained on base {man['base'].get('name')!r} ({fp[:19]}…), "
+            f"adapter {path} was trained on base {about.get('name')!r} ({str(fp)[:19]}…), "
             f"not on {base.name!r} ({base.fingerprint[:19]}…)"
         )
 
