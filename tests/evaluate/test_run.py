@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,14 +132,16 @@ def test_bundled_default_suites_load():
     assert len(suites["support-samples"].items) == 6
 
 
-def test_config_paths_are_relative_to_the_config_file(tmp_path):
+def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     from plural.config import load_config
     from plural.evaluate.run import load_suites
 
     (tmp_path / "faq.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
     (tmp_path / "eval.yaml").write_text("suites:\n  - qa:faq.jsonl\n  - {path: faq.jsonl, kind: samples}\noutput: out\n")
-    cfg = load_config(EvalConfig, tmp_path / "eval.yaml").resolve_paths(tmp_path)
-    assert cfg.output == tmp_path / "out"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(EvalConfig, Path("..") / "eval.yaml")
+    assert cfg.output == tmp_path.resolve() / "out"
     assert [(s.name, s.kind) for s in load_suites(cfg)] == [("faq-qa", "qa"), ("faq-samples", "samples")]
     from plural.config import validate
     from plural.errors import PluralError

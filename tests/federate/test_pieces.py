@@ -19,7 +19,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "federate" / "feder
 def test_example_config_loads_and_partitions_exist():
     from plural.config import load_config
 
-    cfg = load_config(FederateConfig, EXAMPLE).resolve_paths(EXAMPLE.parent)
+    cfg = load_config(FederateConfig, EXAMPLE)
     assert [p.name for p in cfg.partitions] == ["clinic", "bank", "mairie"]
     assert all((p / "train.jsonl").is_file() and (p / "eval.jsonl").is_file() for p in cfg.partitions)
 

@@ -52,18 +52,18 @@ def test_compile_writes_valid_disjoint_deterministic_sets(tmp_path):
     assert 0.2 < n_eval / n_all < 0.35
     # the generated tune configs are valid and point at the compiled files
     for cfg_name, method in (("tune-sft.yaml", "sft"), ("tune-dpo.yaml", "dpo")):
-        cfg = load_config(TuneConfig, a.out / cfg_name).resolve_paths(a.out)
+        cfg = load_config(TuneConfig, a.out / cfg_name)
         assert cfg.method == method and all(p.is_file() for p in cfg.data.train)
     assert load_config(TuneConfig, a.out / "tune-dpo.yaml").preference.reference == "init"
     # SFT replays the bundled general text (every record plain text, in several languages); --no-replay leaves it out
-    sft = load_config(TuneConfig, a.out / "tune-sft.yaml").resolve_paths(a.out)
+    sft = load_config(TuneConfig, a.out / "tune-sft.yaml")
     assert [p.name for p in sft.data.train] == ["sft_train.jsonl", "replay.jsonl"]
     kind, replay = load_records(a.out / "replay.jsonl")
     assert kind == "text" and len({r.data["metadata"]["lang"] for r in replay}) >= 6
     assert json.loads((a.out / "compile.json").read_text())["counts"]["replay.jsonl"] == len(replay)
     c = compile_profile(prof, tmp_path / "c", source=src, replay=False)
     assert not (c.out / "replay.jsonl").exists()
-    assert [p.name for p in load_config(TuneConfig, c.out / "tune-sft.yaml").resolve_paths(c.out).data.train] == ["sft_train.jsonl"]
+    assert [p.name for p in load_config(TuneConfig, c.out / "tune-sft.yaml").data.train] == ["sft_train.jsonl"]
     man = json.loads((a.out / "compile.json").read_text())
     assert man["profile"]["id"] == "de-public-sector" and man["sha256"].startswith("sha256:")
     with pytest.raises(FileExistsError):

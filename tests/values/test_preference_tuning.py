@@ -127,7 +127,9 @@ def test_config_validation(tmp_path):
         validate(TuneConfig, {**base, "method": "orpo", "init_adapter": "a", "preference": {"reference": "init"}}, "t.yaml")
     with pytest.raises(PluralError, match="preference.gamma: unknown key"):
         validate(TuneConfig, {**base, "method": "dpo", "preference": {"gamma": 1}}, "t.yaml")
-    cfg = validate(TuneConfig, {**base, "method": "orpo", "init_adapter": "runs/sft/adapter"}, "t.yaml").resolve_paths(tmp_path)
+    from plural.config import resolve_paths
+
+    cfg = validate(TuneConfig, resolve_paths(TuneConfig, {**base, "method": "orpo", "init_adapter": "runs/sft/adapter"}, tmp_path), "t.yaml")
     assert cfg.init_adapter == (tmp_path / "runs/sft/adapter").resolve()
     # a resolved sft config (every key spelled out, as written to a run folder) loads again
     sft = validate(TuneConfig, {**base, "method": "sft"}, "t.yaml")

@@ -34,9 +34,9 @@ def eval_cmd(
     from plural.evaluate.run import AdapterSpec, EvalConfig, evaluate
 
     if config is not None:
-        cfg = load_config(EvalConfig, config, set_).resolve_paths(config.parent)
+        cfg = load_config(EvalConfig, config, set_)
     else:
-        cfg = validate(EvalConfig, apply_overrides({}, set_), "--set")
+        cfg = validate(EvalConfig, apply_overrides({}, set_, EvalConfig), "--set")
     upd: dict = {}
     if model:
         upd["model"] = model

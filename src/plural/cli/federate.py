@@ -21,7 +21,7 @@ def _load(config: Path, overrides: list[str], resume: bool):
     from plural.config import load_config
     from plural.federate.config import FederateConfig
 
-    cfg = load_config(FederateConfig, config, overrides).resolve_paths(config.parent)
+    cfg = load_config(FederateConfig, config, overrides)
     return cfg.model_copy(update={"resume": resume})
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 from pydantic import Field
 
-from plural.config import Strict
+from plural.config import ConfigPath, PathField, Strict
 from plural.errors import PluralError
 from plural.evaluate import metrics as M
 from plural.evaluate.suites import Suite, SuiteScores, get_kind, load_suite
@@ -23,8 +23,14 @@ from plural.evaluate.suites import Suite, SuiteScores, get_kind, load_suite
 CONFIDENCE = 0.95
 
 
+# Relative paths in an eval config are relative to its folder (plural.config's path rule); an
+# adapter or model without a path separator that is not beside the config is a store name.
+AdapterRef = Annotated[str, PathField(name_ok=True)]
+SuiteRef = Annotated[str, PathField(kind_prefix=True)]  # FILE or KIND:FILE
+
+
 class SuiteSpec(Strict):
-    path: Path
+    path: ConfigPath
     kind: str | None = None  # default: the file's header
     name: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
@@ -32,39 +38,22 @@ class SuiteSpec(Strict):
 
 
 class AdapterSpec(Strict):
-    path: str  # a folder or a name in the store's adapters/
+    path: AdapterRef  # a folder or a name in the store's adapters/
     name: str | None = None
 
 
 class EvalConfig(Strict):
-    model: str | None = None  # default: the bundled SmolLM2
-    adapters: list[str | AdapterSpec] = Field(default_factory=list)
+    model: Annotated[str, PathField(name_ok=True)] | None = None  # default: the bundled SmolLM2
+    adapters: list[AdapterRef | AdapterSpec] = Field(default_factory=list)
     base: bool = True  # also score the base (the reference for differences)
-    suites: list[str | SuiteSpec] = Field(default_factory=list)  # empty: the bundled default suites
-    output: Path | None = None  # default: runs/eval/<UTC time>
+    suites: list[SuiteRef | SuiteSpec] = Field(default_factory=list)  # empty: the bundled default suites
+    output: ConfigPath | None = None  # default: runs/eval/<UTC time>
     max_length: int = Field(default=1024, ge=16)
     batch_tokens: int = Field(default=4096, ge=64)  # rows x padded length per scoring batch
     gen_batch_size: int = Field(default=8, ge=1)
     bootstrap: int = Field(default=1000, ge=0)  # resamples for the confidence intervals
     seed: int = 0
     limit: int | None = Field(default=None, ge=1)  # at most this many items per suite
-
-    def resolve_paths(self, base_dir: Path) -> "EvalConfig":
-        """Relative suite and adapter paths are relative to the config file's folder."""
-        def rel(p: str | Path) -> Path:
-            p = Path(p).expanduser()
-            return p if p.is_absolute() else base_dir / p
-
-        suites = [(parse_suite_arg(s) if isinstance(s, str) else s) for s in self.suites]
-        suites = [s.model_copy(update={"path": rel(s.path)}) for s in suites]
-        adapters = []
-        for a in self.adapters:
-            spec = a if isinstance(a, AdapterSpec) else AdapterSpec(path=a)
-            if (base_dir / spec.path).exists():
-                spec = spec.model_copy(update={"path": str(rel(spec.path))})
-            adapters.append(spec)
-        out = rel(self.output) if self.output else None
-        return self.model_copy(update={"suites": suites, "adapters": adapters, "output": out})
 
 
 def default_suites_file() -> Path:
@@ -79,14 +68,12 @@ def default_suites_file() -> Path:
 
 
 def default_suites() -> list[SuiteSpec]:
-    from plural.config import read_yaml, validate
+    from plural.config import load_config
 
     class _Defaults(Strict):
         suites: list[SuiteSpec]
 
-    f = default_suites_file()
-    d = validate(_Defaults, read_yaml(f), str(f))
-    return [s.model_copy(update={"path": (f.parent / s.path).resolve()}) for s in d.suites]
+    return load_config(_Defaults, default_suites_file()).suites
 
 
 def parse_suite_arg(arg: str) -> SuiteSpec:

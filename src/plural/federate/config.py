@@ -13,17 +13,20 @@
     lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: [...]}
     partitions: [orgs/a, orgs/b]    # `plural federate local`: one data folder per organisation
     output: runs/federate           # the run folder (on the server's machine)
+
+Relative paths (partitions, output) are relative to the config file's folder; `--set` paths to
+the working directory (plural.config's path rule).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from plural.config import Strict
+from plural.config import ConfigPath, PathField, Strict
 from plural.tune.config import DataConfig, LoraConfig, TrainConfig, TuneConfig
 
 STRATEGIES = ("fedavg", "exact", "ffa")
@@ -71,7 +74,7 @@ class LocalConfig(Strict):
 
 
 class FederateConfig(Strict):
-    model: str = "smollm2-135m-instruct"
+    model: Annotated[str, PathField(name_ok=True)] = "smollm2-135m-instruct"
     method: Literal["sft", "text"] = "sft"
     rounds: int = Field(3, ge=1)
     min_nodes: int = Field(2, ge=1)
@@ -88,8 +91,8 @@ class FederateConfig(Strict):
     wait_for_nodes: float = Field(600, gt=0, description="seconds to wait for min_nodes to connect before a round")
     max_round_retries: int = Field(2, ge=0, description="a round with fewer than min_nodes replies is repeated this often")
     evaluate: bool = Field(True, description="after the last round, each node reports the global adapter's held-out loss")
-    partitions: list[Path] = Field(default_factory=list)
-    output: Path = Path("runs/federate")
+    partitions: list[ConfigPath] = Field(default_factory=list)
+    output: ConfigPath = Path("runs/federate")
     resume: bool = False
 
     @field_validator("partitions", mode="before")
@@ -111,15 +114,6 @@ class FederateConfig(Strict):
         if self.privacy is not None and self.aggregator.rule != "mean":
             raise ValueError("privacy: the DP guarantee needs aggregator.rule: mean (noise is calibrated to the mean of clipped updates)")
         return self
-
-    def resolve_paths(self, base: Path) -> "FederateConfig":
-        def fix(p: Path) -> Path:
-            p = p.expanduser()
-            if not p.is_absolute() and not p.exists():
-                p = base / p
-            return p.resolve()
-
-        return self.model_copy(update={"partitions": [fix(p) for p in self.partitions], "output": self.output.expanduser().resolve()})
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)

@@ -10,17 +10,20 @@ Example `serve.yaml`::
       - {key: sk-acme-..., tenant: acme, models: [smollm2-135m-instruct, legal]}
       - {key: sk-ops-..., tenant: ops, models: ["*"]}
     system_prompts: {legal: "You answer as the legal team's assistant."}
+
+Relative paths in the file (adapters, adapter_dirs, a model folder) are relative to its folder;
+those given as flags to the working directory (plural.config's path rule).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from plural.config import Strict, load_config, validate
+from plural.config import PathField, Strict, load_config, validate
 from plural.errors import PluralError
 
 
@@ -32,9 +35,9 @@ class ApiKey(Strict):
 
 
 class ServeSettings(Strict):
-    model: str | None = None  # stored base model (default: the bundled SmolLM2)
-    adapters: dict[str, str] = {}  # model id -> adapter path or store name, registered at start
-    adapter_dirs: list[str] = []  # folders the admin API may load adapters from (besides the store)
+    model: Annotated[str, PathField(name_ok=True)] | None = None  # stored base model (default: the bundled SmolLM2)
+    adapters: dict[str, Annotated[str, PathField(name_ok=True)]] = {}  # model id -> adapter path or store name, registered at start
+    adapter_dirs: list[Annotated[str, PathField()]] = []  # folders the admin API may load adapters from (besides the store)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: list[ApiKey] = []

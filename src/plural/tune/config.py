@@ -8,16 +8,19 @@
     train: {epochs: 3, batch_size: 4, grad_accum: 1, lr: 2e-4, precision: auto, save_every: 50, ...}
     preference: {beta: 0.1, reference: base}  # dpo / orpo only; reference (dpo): base | init
     output: runs/NAME                # the run folder
+
+Relative paths (data files, init_adapter, output) are relative to the config file's folder;
+`--set` paths to the working directory (plural.config's path rule).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from plural.config import Strict
+from plural.config import ConfigPath, PathField, Strict
 
 METHODS = ("sft", "text", "dpo", "orpo")
 PREFERENCE_METHODS = ("dpo", "orpo")
@@ -25,8 +28,8 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class DataConfig(Strict):
-    train: list[Path] = Field(min_length=1)
-    eval: Path | None = None
+    train: list[ConfigPath] = Field(min_length=1)
+    eval: ConfigPath | None = None
     max_length: int = Field(512, ge=16, le=131072)
     packing: bool = True
     # Examples longer than max_length: "error" stops (data check names the line), "truncate" cuts them.
@@ -78,13 +81,13 @@ class PreferenceConfig(Strict):
 
 class TuneConfig(Strict):
     method: Literal["sft", "text", "dpo", "orpo"] = "sft"
-    model: str = "smollm2-135m-instruct"
-    init_adapter: Path | None = Field(None, description="dpo / orpo: continue training this adapter (usually the SFT one)")
+    model: Annotated[str, PathField(name_ok=True)] = "smollm2-135m-instruct"  # a store name or a stored-model folder
+    init_adapter: Annotated[Path, PathField(name_ok=True)] | None = Field(None, description="dpo / orpo: continue training this adapter (usually the SFT one)")
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    output: Path = Path("runs/run")
+    output: ConfigPath = Path("runs/run")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -101,17 +104,3 @@ class TuneConfig(Strict):
         elif self.init_adapter is not None and self.lora != LoraConfig():
             raise ValueError("lora: the adapter's rank and modules come from init_adapter; remove the lora: section")
         return self
-
-    def resolve_paths(self, base: Path) -> "TuneConfig":
-        """Make data paths relative to the config file's folder absolute."""
-        def fix(p: Path) -> Path:
-            p = p.expanduser()
-            if not p.is_absolute() and not p.exists():
-                p = base / p
-            return p.resolve()
-
-        d = self.data
-        return self.model_copy(update={
-            "data": d.model_copy(update={"train": [fix(p) for p in d.train], "eval": fix(d.eval) if d.eval else None}),
-            "init_adapter": fix(self.init_adapter) if self.init_adapter else None,
-        })
