@@ -19,7 +19,7 @@ def free_port() -> int:
 
 def plural(*args: str, env: dict | None = None, check: bool | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     """Run the real `plural` executable; `check=True/False` asserts the exit code's sign."""
-    r = subprocess.run([PLURAL, *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    r = subprocess.run([PLURAL, *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "400", **(env or {})})
     if check is True:
         assert r.returncode == 0, r.stdout + r.stderr
     if check is False:

@@ -333,9 +333,10 @@ class Registry:
             r = self.client.post(f"/v2/{self.ref.repository}/blobs/uploads/")
             if r.status_code != 202 or "location" not in r.headers:
                 raise self._fail(r, "cannot start a blob upload")
-            loc = urljoin(self.base + "/", r.headers["location"])
+            # The upload URL carries the registry's own state in its query; add to it, never replace it.
+            loc = httpx.URL(urljoin(self.base + "/", r.headers["location"])).copy_add_param("digest", digest)
             body = src if isinstance(src, bytes) else _file_chunks(src)
-            r = self.client.put(loc, params={"digest": digest}, content=body,
+            r = self.client.put(loc, content=body,
                                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
             if r.status_code != 201:
                 raise self._fail(r, f"blob {digest[:19]}… was not accepted")
