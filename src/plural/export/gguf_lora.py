@@ -61,8 +61,12 @@ def adapter_pairs(src: Source, config) -> list[LoraPair]:
     tied = bool(getattr(config, "tie_word_embeddings", False))
     tmap = arch.name_map(config)
     mods: dict[str, dict[str, Any]] = {}
+    copies = set()  # full copies of base weights PEFT saves beside an embedding / tied-layer LoRA
     for key, t in weights.items():
         k = key.removeprefix(_PREFIX)
+        if k.endswith(".base_layer.weight"):
+            copies.add(k.removesuffix(".base_layer.weight"))
+            continue
         for part in ("lora_A", "lora_B"):
             if k.endswith(f".{part}.weight"):
                 mods.setdefault(k.removesuffix(f".{part}.weight"), {})[part] = t.float().numpy()
@@ -92,9 +96,27 @@ def adapter_pairs(src: Source, config) -> list[LoraPair]:
         alpha = float(cfg.get("alpha_pattern", {}).get(get_pattern_key(cfg.get("alpha_pattern", {}).keys(), module), cfg["lora_alpha"]))
         scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
         pairs.append(LoraPair(module, a, b, scaling))
+    for module in sorted(m for m in copies if not _same_as_base(src, m, weights[_PREFIX + m + ".base_layer.weight"], tied)):
+        raise PluralError(f"{src.adapter}: module {module!r} holds a full copy of its base weight (base_layer), not only a "
+                          f"LoRA pair; {_NEVER}. Fix: plural export gguf {src.name} (the merged model)")
     if not pairs:
         raise PluralError(f"{src.adapter}: no LoRA weights")
     return pairs
+
+
+def _same_as_base(src: Source, module: str, copy, tied: bool) -> bool:
+    """PEFT saves the base weight of an embedding or output layer it adapts (save_embedding_layers);
+    such a copy is harmless when it is the stored base's weight, unchanged."""
+    from safetensors import safe_open
+
+    names = [module + ".weight"] + (["model.embed_tokens.weight"] if tied and module == "lm_head" else [])
+    for f in sorted(src.base.path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for n in names:
+                if n in st.keys():
+                    base = st.get_tensor(n)
+                    return base.shape == copy.shape and bool((base.float() == copy.float()).all())
+    return False
 
 
 def _encode(t: np.ndarray, dtype: LoraType):
