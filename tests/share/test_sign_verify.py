@@ -237,3 +237,7 @@ def test_eval_require_signed_refuses_unsigned(home, signer, adapters, tmp_path):
     plural("adapters", "sign", ad, "--key", "mallory", check=True)
     err = plural("eval", "--model", "tiny", "--adapter", ad, "--require-signed", signer, "--output", tmp_path / "r", check=False).stderr
     assert "not trusted" in err
+    # Signed by the trusted key: the evaluation runs.
+    plural("adapters", "sign", ad, "--key", "acme", check=True)
+    plural("eval", "--model", "tiny", "--adapter", ad, "--limit", "1", "--require-signed", signer, "--output", tmp_path / "r", check=True, timeout=300)
+    assert (tmp_path / "r" / "report.json").is_file()
