@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from plural.errors import PluralError
+
 app = typer.Typer(help="Data files: check them before training.", no_args_is_help=True)
 out = Console()
 
@@ -36,6 +38,8 @@ def check(
         max_length = max_length or cfg.data.max_length
         epochs = cfg.train.epochs
     max_length = max_length or 512
+    if not file.exists():  # before the tokenizer: a missing model would hide the real problem
+        raise PluralError(f"{file}: no such file")
     tok = None if no_tokens else load_tokenizer(model)
     rep = check_file(file, tok, max_length)
 
