@@ -67,36 +67,56 @@ class RegistryProc:
         return f"http://{self.host}{path}"
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory) -> RegistryProc:
+def start_registry(d: Path, auth: str = "") -> RegistryProc:
     exe = Path("/usr/bin/docker-registry")
     assert exe.is_file(), "CNCF distribution is missing: make test installs it (apt-get install docker-registry)"
-    d = tmp_path_factory.mktemp("registry")
     port = free_port()
     (d / "config.yml").write_text(
         "version: 0.1\n"
         "log: {level: error}\n"
         f"storage: {{filesystem: {{rootdirectory: {d / 'data'}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: '127.0.0.1:{port}'}}\n"
+        f"http: {{addr: '127.0.0.1:{port}'}}\n" + auth
     )
     log = open(d / "registry.log", "wb")
     proc = subprocess.Popen([str(exe), "serve", str(d / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     host = f"127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
         try:
-            if httpx.get(f"http://{host}/v2/", timeout=1).status_code == 200:
+            if httpx.get(f"http://{host}/v2/", timeout=1).status_code in (200, 401):
                 break
         except httpx.HTTPError:
             pass
         assert proc.poll() is None, (d / "registry.log").read_text()
         assert time.time() < deadline, "registry did not start"
         time.sleep(0.1)
-    yield RegistryProc(host=host, root=d / "data", proc=proc)
+    return RegistryProc(host=host, root=d / "data", proc=proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    log.close()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> RegistryProc:
+    reg = start_registry(tmp_path_factory.mktemp("registry"))
+    yield reg
+    stop(reg.proc)
+
+
+@pytest.fixture(scope="module")
+def auth_registry(tmp_path_factory) -> RegistryProc:
+    """A registry that wants Basic credentials (htpasswd, bcrypt): user `alice`, password `s3cret`."""
+    import bcrypt
+
+    d = tmp_path_factory.mktemp("auth_registry")
+    (d / "htpasswd").write_text("alice:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode() + "\n")
+    reg = start_registry(d, f"auth: {{htpasswd: {{realm: plural-test, path: {d / 'htpasswd'}}}}}\n")
+    yield reg
+    stop(reg.proc)

@@ -3,6 +3,7 @@ on that path: each refused, with nothing installed in the store."""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -151,6 +152,25 @@ def test_not_an_adapter_and_bad_references(home, registry):
     assert "expected HOST" in plural("adapters", "pull", "justaname", check=False).stderr
     assert "repository" in plural("adapters", "pull", f"{registry.host}/Upper/Case:v1", check=False).stderr
     assert "ConnectError" in plural("adapters", "pull", "127.0.0.1:1/acme/x:v1", "--insecure", check=False).stderr
+
+
+def test_registry_credentials_from_docker_config(home, signer, adapters, auth_registry, tmp_path, monkeypatch):
+    ad = adapters["support"]
+    plural("adapters", "sign", ad, "--key", "acme", check=True)
+    ref = f"{auth_registry.host}/acme/private:v1"
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "nodocker"))
+    err = plural("adapters", "push", ad, ref, "--insecure", check=False).stderr
+    assert "HTTP 401" in err and "config.json" in err
+    cfg = tmp_path / "docker"
+    cfg.mkdir()
+    auth = base64.b64encode(b"alice:s3cret").decode()
+    (cfg / "config.json").write_text(json.dumps({"auths": {auth_registry.host: {"auth": auth}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(cfg))
+    plural("adapters", "push", ad, ref, "--insecure", check=True)
+    plural("adapters", "pull", ref, "--insecure", "--trust", signer, check=True)
+    assert installed(home) == ["private"]
+    (cfg / "config.json").write_text(json.dumps({"auths": {auth_registry.host: {"auth": base64.b64encode(b"alice:wrong").decode()}}}))
+    assert "HTTP 401" in plural("adapters", "pull", ref, "--insecure", "--name", "p2", check=False).stderr
 
 
 class CuttingProxy:

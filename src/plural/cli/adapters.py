@@ -127,7 +127,8 @@ def push(
     """Push the adapter as an OCI artifact (CNCF ModelPack media types)."""
     from plural.share.oci import push as do_push
 
-    r, digest = do_push(adapter, ref, insecure=insecure, token=token)
+    with out.status(f"pushing to {ref}…"):
+        r, digest = do_push(adapter, ref, insecure=insecure, token=token)
     out.print(f"pushed {r} ({digest})")
 
 
@@ -144,6 +145,8 @@ def pull(
     """Pull an adapter into the store; with --trust nothing is installed unless it verifies."""
     from plural.share.oci import pull as do_pull
 
-    res = do_pull(ref, trust=_policy(trust), min_version=min_version, name=name, force=force, insecure=insecure, token=token)
+    policy = _policy(trust)
+    with out.status(f"pulling {ref}…"):
+        res = do_pull(ref, trust=policy, min_version=min_version, name=name, force=force, insecure=insecure, token=token)
     who = f", signed by {res.signer} (version {res.version})" if res.signer else " (not verified: no --trust)"
     out.print(f"pulled [bold]{res.name}[/] → {res.path}; digest {res.digest}{who}")

@@ -263,28 +263,33 @@ class RegistryAuth(httpx.Auth):
     challenge (Basic, or the Bearer token flow) with the credentials from config.json."""
 
     def __init__(self, credentials: tuple[str, str] | None, token: str | None) -> None:
-        self.credentials, self.token = credentials, token
+        self.credentials = credentials
+        # The last header that was accepted is sent up front on every later request: a blob
+        # upload streams its body, which cannot be sent a second time after a 401.
+        self.header = f"Bearer {token}" if token else None
 
     def auth_flow(self, request: httpx.Request):
-        if self.token:
-            request.headers["Authorization"] = f"Bearer {self.token}"
+        if self.header:
+            request.headers["Authorization"] = self.header
         response = yield request
         if response.status_code != 401 or self.credentials is None:
             return
         scheme, params = _parse_challenge(response.headers.get("www-authenticate", ""))
-        basic = httpx.BasicAuth(*self.credentials)._auth_header
+        user, pw = self.credentials
+        basic = "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()
         if scheme == "basic":
-            request.headers["Authorization"] = basic
+            self.header = basic
         elif scheme == "bearer" and "realm" in params:
+            # The registry token flow: ask the realm for a token for this scope with the credentials.
             q = {k: v for k, v in params.items() if k in ("service", "scope")}
             r = httpx.get(params["realm"], params=q, headers={"Authorization": basic}, timeout=30)
             if r.status_code != 200:
                 return
             body = r.json()
-            self.token = body.get("token") or body.get("access_token")
-            request.headers["Authorization"] = f"Bearer {self.token}"
+            self.header = f"Bearer {body.get('token') or body.get('access_token')}"
         else:
             return
+        request.headers["Authorization"] = self.header
         yield request
 
 
