@@ -27,6 +27,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("tune", ["bad.yaml"], "bad.yaml:2: not valid YAML"),
     ("tune", ["unknown_key.yaml"], "unknown_key.yaml: lora.rank: unknown key"),
     ("tune", ["no_data.yaml"], "data file {d}/nothing.jsonl not found"),
+    ("tune", ["tune.yaml", "--set", "data.train=folder"], "data file {d}/folder is a folder"),  # --set: relative to the cwd
+    ("tune", ["tune.yaml", "--set", "output=a_file"], "output: {d}/a_file is a file, not a run folder"),
     ("tune", ["tune.yaml", "--set", "train.batch_size=0"], "train.batch_size: Input should be greater than or equal to 1"),
     ("tune", ["tune.yaml"], "model 'nope' is not in the store"),
     ("tune", ["--resume", "folder"], "folder: not a run folder (no config.yaml)"),

@@ -22,6 +22,8 @@ STARTED = ("log.jsonl", "checkpoints", "adapter")
 def check_inputs(cfg) -> None:
     """Fail before anything is written when a data file is missing."""
     for f in list(cfg.data.train) + ([cfg.data.eval] if cfg.data.eval else []):
+        if Path(f).is_dir():
+            raise PluralError(f"data file {f} is a folder; give the JSONL files in it")
         if not Path(f).is_file():
             raise PluralError(f"data file {f} not found (relative paths in a config file are relative to its folder)")
 
@@ -36,11 +38,16 @@ def prepare_run_dir(cfg, resume: bool) -> Path:
     A folder holding only config.yaml is a start that failed or was killed before its first step
     (loading, data, batch size): it is reused, so a corrected retry is never refused."""
     run_dir = Path(cfg.output)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PluralError(f"output: {run_dir} is a file, not a run folder")
     if not resume and run_dir.exists() and any(p.name != CONFIG_NAME for p in run_dir.iterdir()):
         raise PluralError(f"run folder {run_dir} exists and is not empty: use `plural tune --resume {run_dir}` or set output: to a new folder")
     if not resume and int(os.environ.get("RANK", "0")) == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_NAME).write_text(dump_yaml(cfg), encoding="utf-8")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / CONFIG_NAME).write_text(dump_yaml(cfg), encoding="utf-8")
+        except OSError as e:  # a read-only or missing parent, a full disk
+            raise PluralError(f"output: cannot write the run folder {run_dir} ({e.strerror})") from e
     return run_dir
 
 
