@@ -129,6 +129,8 @@ def test_unsigned_and_untrusted_fail(home, signer, adapters, tmp_path):
     plural("adapters", "sign", ad, "--key", "mallory", check=True)
     err = plural("adapters", "verify", ad, "--trust", signer, check=False).stderr
     assert "not trusted" in err and "acme.pub.pem" in err
+    (ad / "model.sig").write_text("not a bundle")
+    assert "not a Sigstore bundle" in plural("adapters", "verify", ad, "--trust", signer, check=False).stderr
 
 
 def test_signature_copied_from_another_adapter_fails(home, signer, adapters):
