@@ -168,6 +168,8 @@ def verify_adapter(folder: str | Path, policy: TrustPolicy, min_version: str | N
         raise PluralError(f"{folder}: not signed (no {SIGNATURE}). Fix: plural adapters sign {folder} --key NAME")
     bundle = _read_bundle(sig, "OMS signature")
     hint = bundle.bundle.verification_material.public_key.hint if bundle.bundle.verification_material.public_key else None
+    if not hint:
+        raise PluralError(f"{sig}: the signature names no public key; plural verifies OMS key signatures (plural adapters sign)")
     signer = policy.by_key_id(hint)
     if signer is None:
         raise PluralError(f"{folder}: signed by key {str(hint)[:16]}…, which is not trusted by {policy.source}")
