@@ -69,7 +69,7 @@ def tiny_engine(store, tiny_adapters):
                  cache_bytes=1 << 30, dtype=torch.float32, device=torch.device("cpu"))
     eng.stop_ids = set()  # run every sequence to max_tokens, as the reference does with eos_token_id=None
     for name, path in tiny_adapters.items():
-        eng.add_adapter(register(name, path, get_model(tiny_model), model.config, 8))
+        eng.add_adapter(register(name, path, get_model(tiny_model), eng.runner, 8))
     eng.start()
     yield eng, tok
     eng.stop()

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from plural.serve.llama import Int4Weight, Int8Weight, LlamaRunner
+from plural.serve.fused import FusedRunner
+from plural.serve.quant import Int4Weight, Int8Weight
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="this torch has no int4 CPU kernel")
 
@@ -64,7 +65,7 @@ def test_int4_runner_matches_the_model_with_its_dequantised_weights(store, tiny_
     from plural.store.models import load_model
 
     model, tok, _ = load_model(tiny_model)
-    runner = LlamaRunner(model, rows=2, max_len=64, dtype=torch.float32, device=torch.device("cpu"), quantize="int4")
+    runner = FusedRunner(model, rows=2, max_len=64, dtype=torch.float32, device=torch.device("cpu"), quantize="int4")
     ref = copy.deepcopy(model).float().eval()
     with torch.no_grad():
         for layer in ref.model.layers:
@@ -76,16 +77,16 @@ def test_int4_runner_matches_the_model_with_its_dequantised_weights(store, tiny_
     with torch.no_grad():
         want = ref(torch.cat([ids, torch.tensor([[5, 9, 11, 13]])], dim=1)).logits[0, ids.shape[1] - 1:]
     T = ids.shape[1]
-    got = [runner.prefill(ids, torch.tensor([T]), torch.tensor([0]), {})[0]]
+    got = [runner.prefill(ids, torch.tensor([T]), torch.tensor([0]), [0])[0]]
     for i, t in enumerate([5, 9, 11, 13]):
-        got.append(runner.decode(torch.tensor([t]), torch.tensor([T + i]), {})[0])
+        got.append(runner.decode(torch.tensor([t]), torch.tensor([T + i]), [0])[0])
     got = torch.stack(got)
     tol = 0.03 * float(want.abs().max())
     assert torch.allclose(got, want, atol=tol), float((got - want).abs().max())
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     # And the quantisation is real: the bf16 runner's logits differ from the int4 ones.
-    plain = LlamaRunner(model, rows=2, max_len=64, dtype=torch.float32, device=torch.device("cpu"))
-    assert not torch.allclose(plain.prefill(ids, torch.tensor([T]), torch.tensor([0]), {})[0], got[0], atol=1e-4)
+    plain = FusedRunner(model, rows=2, max_len=64, dtype=torch.float32, device=torch.device("cpu"))
+    assert not torch.allclose(plain.prefill(ids, torch.tensor([T]), torch.tensor([0]), [0])[0], got[0], atol=1e-4)
 
 
 def test_quantize_is_refused_where_it_cannot_run(store, tiny_model):
@@ -94,4 +95,4 @@ def test_quantize_is_refused_where_it_cannot_run(store, tiny_model):
 
     model, _, _ = load_model(tiny_model)
     with pytest.raises(PluralError, match="quantize must be one of"):
-        LlamaRunner(model, rows=1, max_len=16, dtype=torch.float32, device=torch.device("cpu"), quantize="int3")
+        FusedRunner(model, rows=1, max_len=16, dtype=torch.float32, device=torch.device("cpu"), quantize="int3")

@@ -68,8 +68,10 @@ def serve(
     settings = settings.model_copy(update={"threads": settings.threads or torch.get_num_threads()})
     torch.set_num_threads(1)
     app = create_app(settings)
-    err.print(f"[green]serving[/] {app.state.base_id} + {len(app.state.engine.adapters)} adapter(s) "
-              f"on http://{settings.host}:{settings.port}/v1", highlight=False)
+    eng = app.state.engine
+    err.print(f"[green]serving[/] {app.state.base_id} + {len(eng.adapters)} adapter(s) "
+              f"on http://{settings.host}:{settings.port}/v1 (runner: {eng.runner.describe()}, "
+              f"{str(eng.dtype).removeprefix('torch.')}{', int4' if settings.quantize == 'int4' else ''})", highlight=False)
     # The drain is plural's (serve.lifecycle); uvicorn's graceful timeout only bounds the last writes.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
     DrainingServer(config, app.state, settings.shutdown_timeout).run()

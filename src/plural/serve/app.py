@@ -66,7 +66,7 @@ def build_state(app: FastAPI, settings: ServeSettings) -> None:
     def register_adapter(name: str, ref: str, confined: bool):
         # Admin-API paths must lie in the store or adapter_dirs; the operator's own --adapter flags need not.
         path = confine(ref, roots) if confined else ref
-        a = make_adapter(name, path, stored, model.config, settings.max_lora_rank, roots if confined else None)
+        a = make_adapter(name, path, stored, s.engine.runner, settings.max_lora_rank, roots if confined else None)
         if a.nbytes > s.engine.cache_bytes:
             from plural.errors import PluralError
 

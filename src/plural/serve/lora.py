@@ -23,6 +23,7 @@ import torch
 from plural.errors import PluralError
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_ANY_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
 @dataclass
@@ -77,32 +78,43 @@ def check_adapter_config(path: Path, cfg: object, max_rank: int) -> tuple[int, f
     return r, scale
 
 
+def lora_module(key: str) -> tuple[str, str] | None:
+    """'base_model.model.model.layers.0.mlp.down_proj.lora_A.weight' -> ('model.layers.0.mlp.down_proj', 'A')."""
+    m = _ANY_KEY.search(key)
+    if m is None:
+        return None
+    return m.group(1).removeprefix("base_model.model."), m.group(2)
+
+
 def check_tensors(path: Path, shapes_on_disk: dict[str, tuple[int, ...]], rank: int, config) -> None:
     """Every tensor must be a LoRA A/B of a known projection of an existing layer, with the base's shapes."""
     shapes = module_shapes(config)
     n_layers = config.num_hidden_layers
     if not shapes_on_disk:
         raise PluralError(f"adapter {path}: adapter_model.safetensors holds no tensors")
+    unknown = sorted({(lora_module(k) or (k, ""))[0] for k in shapes_on_disk
+                      if (m := _KEY.search(k)) is None or m.group(2) not in shapes or int(m.group(1)) >= n_layers})
+    if unknown:
+        raise PluralError(
+            f"adapter {path}: {len(unknown)} target module(s) do not exist in the served base: "
+            f"{', '.join(unknown[:6])}{' …' if len(unknown) > 6 else ''} (it has q/k/v/o/gate/up/down projections in "
+            f"{n_layers} layers); the adapter was made for a different base model"
+        )
     for key, shape in shapes_on_disk.items():
         m = _KEY.search(key)
-        if m is None or m.group(2) not in shapes:
-            raise PluralError(
-                f"adapter {path}: tensor {key!r} is not a LoRA factor of a q/k/v/o/gate/up/down projection; "
-                "the server cannot apply it"
-            )
         layer, mod, ab = int(m.group(1)), m.group(2), m.group(3)
         out, inp = shapes[mod]
         want = (rank, inp) if ab == "A" else (out, rank)
-        if layer >= n_layers or tuple(shape) != want:
+        if tuple(shape) != want:
             raise PluralError(
-                f"adapter {path}: tensor {key} has shape {list(shape)} but the served base needs {list(want)} "
-                f"(layer < {n_layers}); the adapter was made for a different base model"
+                f"adapter {path}: tensor {key} has shape {list(shape)} but the served base needs {list(want)}; "
+                "the adapter was made for a different base model"
             )
 
 
-def read_adapter(weights: Path, rank: int, scale: float, dtype: torch.dtype, sha256: str = "") -> AdapterWeights:
-    """The adapter's factors from its weights file, parsed from the very bytes that are hashed: when
-    `sha256` (taken at registration) is given, a file changed since then is refused, not served."""
+def read_verified(weights: Path, sha256: str = "") -> dict[str, torch.Tensor]:
+    """An adapter's tensors parsed from the very bytes that are hashed: when `sha256` (taken at
+    registration) is given, a file changed since then is refused, not served."""
     import hashlib
 
     from safetensors.torch import load as load_bytes
@@ -110,9 +122,14 @@ def read_adapter(weights: Path, rank: int, scale: float, dtype: torch.dtype, sha
     data = weights.read_bytes()
     if sha256 and "sha256:" + hashlib.sha256(data).hexdigest() != sha256:
         raise PluralError(f"{weights} changed since the adapter was registered; register it again")
+    return load_bytes(data)
+
+
+def read_adapter(weights: Path, rank: int, scale: float, dtype: torch.dtype, sha256: str = "") -> AdapterWeights:
+    """The fused runner's factors per (layer, module): A [r, in], B·scale [out, r]."""
     a, b = {}, {}
     nbytes = 0
-    for key, t in load_bytes(data).items():
+    for key, t in read_verified(weights, sha256).items():
         m = _KEY.search(key)
         layer, mod, ab = int(m.group(1)), m.group(2), m.group(3)
         if ab == "A":

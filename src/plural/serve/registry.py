@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 from plural.errors import PluralError
-from plural.serve.engine import Adapter
-from plural.serve.lora import check_adapter_config, check_tensors
+from plural.serve.adapter_cache import Adapter
+from plural.serve.lora import check_adapter_config
 from plural.store import adapters as store_adapters
 from plural.store.models import StoredModel
 from plural.store.paths import adapters_dir
@@ -51,9 +51,10 @@ def _inside(p: Path, roots: list[Path], shown: str) -> None:
         )
 
 
-def make_adapter(name: str, ref: str | Path, base: StoredModel, config, max_rank: int,
+def make_adapter(name: str, ref: str | Path, base: StoredModel, runner, max_rank: int,
                  roots: list[Path] | None = None) -> Adapter:
-    """Validate the adapter at `ref` for `base` (whose HF config is `config`) and describe it.
+    """Validate the adapter at `ref` for `base`, served by `runner` (which checks that every
+    tensor is a LoRA factor of one of its layers, with that layer's shape), and describe it.
 
     With `roots` (the admin API), every file the server reads must resolve inside them: a folder
     inside the store whose weights are a symlink to a file elsewhere is refused (issue 11). The
@@ -79,6 +80,6 @@ def make_adapter(name: str, ref: str | Path, base: StoredModel, config, max_rank
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type for a corrupt header
         raise PluralError(f"adapter {path}: {store_adapters.WEIGHTS} is not a readable safetensors file ({e})") from e
-    check_tensors(path, shapes, rank, config)
+    runner.check_adapter(path, shapes, rank)
     return Adapter(name=name, path=path, rank=rank, scale=scale, nbytes=weights.stat().st_size,
                    weights=weights, sha256=store_adapters.sha256_file(weights))

@@ -146,7 +146,8 @@ async def health(request: Request):
     eng = request.app.state.engine
     if request.app.state.stopping:
         return JSONResponse({"status": "stopping"}, status_code=503)
-    return {"status": "ok", "running": eng.running(), "waiting": eng.queue_depth()}
+    return {"status": "ok", "running": eng.running(), "waiting": eng.queue_depth(),
+            "runner": eng.runner.kind, "family": eng.runner.family, "dtype": str(eng.dtype).removeprefix("torch.")}
 
 
 @router.get("/metrics")
@@ -166,7 +167,7 @@ async def engine_call(state, fn):
 
 @router.get("/admin/adapters", response_model=list[P.AdapterInfo], dependencies=[Depends(admin)])
 async def admin_list(request: Request):
-    return [P.AdapterInfo(name=a.name, path=str(a.path), rank=a.rank, resident=a.slot is not None and a.loading is None,
+    return [P.AdapterInfo(name=a.name, path=str(a.path), rank=a.rank, resident=a.resident,
                           running=a.users) for a in request.app.state.engine.adapters.values()]
 
 
