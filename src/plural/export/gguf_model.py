@@ -69,9 +69,10 @@ def add_tokenizer(w, model_dir: Path, tok, vocab_size: int) -> None:
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre_tokenizer(tj, tj_path))
     added = {i: t for i, t in tok.added_tokens_decoder.items()}
+    n = min(vocab_size, len(tok))
+    strings = tok.convert_ids_to_tokens(list(range(n))) + [None] * (vocab_size - n)
     tokens, types = [], []
-    for i in range(vocab_size):
-        tok_str = tok.convert_ids_to_tokens(i) if i < len(tok) else None
+    for i, tok_str in enumerate(strings):
         if tok_str is None:  # the embedding has rows the tokenizer never produces
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
