@@ -10,9 +10,9 @@ from pathlib import Path
 PLURAL = str(Path(sys.executable).with_name("plural"))
 
 
-def plural(*args, ok: bool, timeout: int = 300) -> subprocess.CompletedProcess:
+def plural(*args, ok: bool, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`ok=True`: exit 0; `ok=False`: exit 1 with a one-line error and no traceback."""
-    r = subprocess.run([PLURAL, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    r = subprocess.run([PLURAL, *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if ok:
         assert r.returncode == 0, r.stdout + r.stderr
     else:
