@@ -44,6 +44,8 @@ def serve(
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Prompt + completion tokens per request."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Sequences decoded together."),
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug | info | warning | error (the server log on stderr)."),
+    runner: Optional[str] = typer.Option(None, "--runner", help="auto | fused | generic (auto: fused for Llama, Mistral, Qwen2/3, Gemma 2; generic otherwise)."),
+    require_signed: Optional[str] = typer.Option(None, "--require-signed", help="TRUST.yaml or PUB.pem: refuse adapters without a trusted signature (admin API included)."),
 ) -> None:
     """Serve the base model and LoRA adapters behind an OpenAI-compatible API (many adapters, one batch)."""
     import uvicorn
@@ -54,7 +56,7 @@ def serve(
 
     settings = load_settings(
         config, model=model, adapters=_pairs(adapter, "--adapter", "PATH"), host=host, port=port, dtype=dtype, quantize=quantize,
-        max_model_len=max_model_len, max_batch=max_batch, log_level=log_level,
+        max_model_len=max_model_len, max_batch=max_batch, log_level=log_level, runner=runner, require_signed=require_signed,
         system_prompts=profile_prompts(_pairs(profile, "--profile", "PROFILE.yaml")),
     )
     settings.check_binding()
@@ -68,13 +70,13 @@ def serve(
     settings = settings.model_copy(update={"threads": settings.threads or torch.get_num_threads()})
     torch.set_num_threads(1)
     app = create_app(settings)
-    eng = app.state.engine
-    err.print(f"[green]serving[/] {app.state.base_id} + {len(eng.adapters)} adapter(s) "
+    eng = app.state.server.engine
+    err.print(f"[green]serving[/] {app.state.server.base_id} + {len(eng.adapters)} adapter(s) "
               f"on http://{settings.host}:{settings.port}/v1 (runner: {eng.runner.describe()}, "
               f"{str(eng.dtype).removeprefix('torch.')}{', int4' if settings.quantize == 'int4' else ''})", highlight=False)
     # The drain is plural's (serve.lifecycle); uvicorn's graceful timeout only bounds the last writes.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
-    DrainingServer(config, app.state, settings.shutdown_timeout).run()
+    DrainingServer(config, app.state.server, settings.shutdown_timeout).run()
 
 
 def register(app: typer.Typer) -> None:

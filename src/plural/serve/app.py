@@ -1,7 +1,6 @@
-"""`create_app(settings)`: the FastAPI server. All state lives on `app.state`; nothing is global.
-
-app.state: settings, keys (tenants), metrics, tokenizer, base_id/base_path, engine (owns the
-model on its own thread), serving (request <-> engine logic), system_prompts, register_adapter.
+"""`create_app(settings)`: the FastAPI server. All state lives in one typed `ServerState` at
+`app.state.server` (state.py); nothing is global. The engine owns the model on its own thread;
+`Serving` turns requests into sequences and events into OpenAI objects.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from plural.errors import PluralError
 from plural.serve.engine import Engine
 from plural.serve.guard import Guard
 from plural.serve.metrics import Metrics
@@ -22,6 +22,7 @@ from plural.serve.registry import confine, make_adapter
 from plural.serve.routes import router
 from plural.serve.serving import APIError, Serving
 from plural.serve.settings import ServeSettings
+from plural.serve.state import ServerState
 from plural.serve.tenants import Keys
 
 DEFAULT_MAX_LEN = 2048
@@ -38,68 +39,77 @@ def pick_dtype(name: str, device):
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-def build_state(app: FastAPI, settings: ServeSettings) -> None:
+def build_state(settings: ServeSettings) -> ServerState:
     import torch
 
     from plural.store.models import load_model
     from plural.store.paths import adapters_dir
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy = None
+    if settings.require_signed:
+        from plural.share.trust import load_policy
+
+        policy = load_policy(settings.require_signed)
     model, tok, stored = load_model(settings.model)
     ctx = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LEN
     max_len = min(settings.max_model_len or min(ctx, DEFAULT_MAX_LEN), ctx)
-    s = app.state
-    s.settings = settings
-    s.keys = Keys(settings.api_keys, settings.admin_key)
-    s.metrics = Metrics()
-    s.tokenizer = tok
-    s.base_id, s.base_path = stored.name, stored.path
-    s.created = int(time.time())
-    s.stopping = False  # set when a shutdown drain starts: new requests get 503 shutting_down
-    s.in_flight = 0  # HTTP requests being answered (counted by the Guard middleware)
-    s.engine = Engine(model, tok, max_batch=settings.max_batch, max_len=max_len, max_queue=settings.max_queue,
-                      max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
-                      cache_bytes=int(settings.adapter_cache_mb * 2**20), dtype=pick_dtype(settings.dtype, device),
-                      device=device, threads=settings.threads, metrics=s.metrics, quantize=settings.quantize)
+    metrics = Metrics()
+    engine = Engine(model, tok, max_batch=settings.max_batch, max_len=max_len, max_queue=settings.max_queue,
+                    max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
+                    cache_bytes=int(settings.adapter_cache_mb * 2**20), dtype=pick_dtype(settings.dtype, device),
+                    device=device, threads=settings.threads, metrics=metrics, quantize=settings.quantize,
+                    runner=settings.runner)
     roots = [adapters_dir(), *(Path(d) for d in settings.adapter_dirs)]
+    info: dict[str, dict] = {}
 
     def register_adapter(name: str, ref: str, confined: bool):
+        from plural.share.signing import adapter_digest
+
         # Admin-API paths must lie in the store or adapter_dirs; the operator's own --adapter flags need not.
         path = confine(ref, roots) if confined else ref
-        a = make_adapter(name, path, stored, s.engine.runner, settings.max_lora_rank, roots if confined else None)
-        if a.nbytes > s.engine.cache_bytes:
-            from plural.errors import PluralError
-
+        a = make_adapter(name, path, stored, engine.runner, settings.max_lora_rank, roots if confined else None)
+        if a.nbytes > engine.cache_bytes:
             raise PluralError(f"adapter {a.path} ({a.nbytes / 2**20:.1f} MiB) is larger than adapter_cache_mb "
                               f"({settings.adapter_cache_mb:g}); raise adapter_cache_mb")
+        about = {"digest": adapter_digest(a.path)}
+        if policy is not None:
+            from plural.share.trust import require_trusted
+
+            signer = require_trusted(a.path, policy)
+            about.update(signer=signer.signer, signed_name=signer.name, version=signer.version)
+        info[name] = about
         return a
 
-    s.register_adapter = register_adapter
+    state = ServerState(settings=settings, keys=Keys(settings.api_keys, settings.admin_key), metrics=metrics,
+                        tokenizer=tok, base_id=stored.name, base_path=stored.path, created=int(time.time()),
+                        engine=engine, system_prompts=dict(settings.system_prompts), register_adapter=register_adapter,
+                        adapter_info=info)
     for name, ref in settings.adapters.items():
         if name == stored.name:
-            from plural.errors import PluralError
-
             raise PluralError(f"adapter name {name!r} is the base model's id; pick another name")
-        s.engine.add_adapter(register_adapter(name, ref, False))
-    s.system_prompts = dict(settings.system_prompts)
-    s.serving = Serving(s)
+        engine.add_adapter(register_adapter(name, ref, False))
+    state.serving = Serving(state)
+    return state
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine.start()
+        app.state.server.engine.start()
         yield
         # The drain (serve.lifecycle) has let in-flight requests finish, or cancelled them at its
         # deadline; whatever is left (a server stopped without one) is cancelled with a 503 / SSE error.
-        app.state.stopping = True
-        app.state.engine.stop(drain_seconds=0)
+        app.state.server.stopping = True
+        app.state.server.engine.stop(drain_seconds=0)
 
     app = FastAPI(title="plural serve", version="1", lifespan=lifespan,
                   description="OpenAI-compatible server for a base model and its LoRA adapters.")
-    build_state(app, settings)
+    app.state.server = state = build_state(settings)
     app.include_router(router)
-    app.add_middleware(Guard, state=app.state)
+    if settings.share.adapters:
+        app.include_router(peer_router(state))
+    app.add_middleware(Guard, state=state)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -128,6 +138,28 @@ def create_app(settings: ServeSettings) -> FastAPI:
     return app
 
 
+def peer_router(state: ServerState):
+    """The read side of the OCI distribution API (`/v2/...`) for the adapters `share.adapters` names,
+    so another organisation can `plural adapters pull` from this server; admin or share keys only."""
+    import hmac
+
+    from plural.share.oci_routes import PeerShare, SharedAdapter, oci_router
+
+    shared = []
+    for ref, model_id in state.settings.share.adapters.items():
+        repo, _, tag = ref.rpartition(":")
+        a = state.engine.adapters.get(model_id)
+        if a is None:
+            raise PluralError(f"share.adapters: {ref!r} names {model_id!r}, which is not a served adapter")
+        shared.append(SharedAdapter(repo, tag, a.path))
+    keys = [k.encode() for k in (*state.settings.share.keys, *([state.settings.admin_key] if state.settings.admin_key else []))]
+
+    def authorize(key: str | None) -> bool:
+        return key is not None and any(hmac.compare_digest(key.encode(), k) for k in keys)
+
+    return oci_router(PeerShare(adapters=shared, authorize=authorize))
+
+
 def _union_tag(x) -> bool:
     """pydantic names the union member that failed in the error's location ("str", "list[int]",
     "function-after[...]"): not a field of the request, so not part of `param`."""
@@ -137,5 +169,5 @@ def _union_tag(x) -> bool:
 def _error(e: APIError, request: Request | None = None) -> JSONResponse:
     if request is not None:
         model = getattr(request.state, "model", "")
-        request.app.state.metrics.requests.labels(model, str(e.status)).inc()
+        request.app.state.server.metrics.requests.labels(model, str(e.status)).inc()
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)

@@ -27,8 +27,8 @@ def new_request_id() -> str:
 
 class Guard:
     def __init__(self, app, state):
-        # state: the FastAPI app.state (settings, metrics, stopping, in_flight: HTTP requests not
-        # yet answered in full, which the shutdown drain waits for)
+        # state: the ServerState (settings, metrics, stopping, in_flight: HTTP requests not yet
+        # answered in full, which the shutdown drain waits for)
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):

@@ -203,7 +203,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     parent: str | None = None  # an adapter's base model id (as vLLM reports it)
-    root: str | None = None
+    root: str | None = None  # where it lives on disk: shown to the admin key only
+    plural: dict | None = None  # plural's extension: an adapter's content digest (and signer, if checked)
 
 
 class ModelList(BaseModel):

@@ -22,7 +22,7 @@ log = logging.getLogger("plural.serve")
 
 
 def tenant(request: Request) -> Tenant:
-    keys = request.app.state.keys
+    keys = request.app.state.server.keys
     token = bearer(request.headers.get("authorization"))
     t = ADMIN if keys.is_admin(token) else keys.tenant(token)  # the admin key sees every model
     if t is None:
@@ -32,7 +32,7 @@ def tenant(request: Request) -> Tenant:
 
 
 def admin(request: Request) -> None:
-    keys = request.app.state.keys
+    keys = request.app.state.server.keys
     if not keys.admin_key:
         raise APIError(403, "The admin API is disabled: set admin_key in the server's --config file.",
                        type="permission_error", code="admin_disabled")
@@ -64,7 +64,7 @@ async def watch_disconnect(request: Request, job) -> None:
 
 
 async def respond(request: Request, job, make, stream_fn, req) -> Response:
-    state = request.app.state
+    state = request.app.state.server
     if req.stream:
         async def counted():
             try:
@@ -92,7 +92,7 @@ async def respond(request: Request, job, make, stream_fn, req) -> Response:
 
 @router.post("/v1/chat/completions", response_model=P.ChatCompletion)
 async def chat_completions(req: P.ChatCompletionRequest, request: Request, t: Tenant = Depends(tenant)):
-    state = request.app.state
+    state = request.app.state.server
     check_model(state, t, req.model, request)
     serving = state.serving
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
@@ -105,7 +105,7 @@ async def chat_completions(req: P.ChatCompletionRequest, request: Request, t: Te
 
 @router.post("/v1/completions", response_model=P.Completion)
 async def completions(req: P.CompletionRequest, request: Request, t: Tenant = Depends(tenant)):
-    state = request.app.state
+    state = request.app.state.server
     check_model(state, t, req.model, request)
     serving = state.serving
     if req.echo and req.logprobs is not None:
@@ -121,14 +121,14 @@ async def completions(req: P.CompletionRequest, request: Request, t: Tenant = De
 
 @router.get("/v1/models", response_model=P.ModelList, response_model_exclude_none=True)
 async def list_models(request: Request, t: Tenant = Depends(tenant)):
-    state = request.app.state
+    state = request.app.state.server
     # Server paths are the operator's business: only the admin key sees where each model lives.
     paths = state.keys.is_admin(bearer(request.headers.get("authorization")))
     cards = [P.ModelCard(id=state.base_id, created=state.created, owned_by="plural",
                          root=str(state.base_path) if paths else None)]
     for name, a in state.engine.adapters.items():
         cards.append(P.ModelCard(id=name, created=state.created, owned_by="plural", parent=state.base_id,
-                                 root=str(a.path) if paths else None))
+                                 root=str(a.path) if paths else None, plural=state.adapter_info.get(name)))
     return P.ModelList(data=[c for c in cards if t.allows(c.id)])
 
 
@@ -143,8 +143,8 @@ async def get_model(model_id: str, request: Request, t: Tenant = Depends(tenant)
 
 @router.get("/health")
 async def health(request: Request):
-    eng = request.app.state.engine
-    if request.app.state.stopping:
+    eng = request.app.state.server.engine
+    if request.app.state.server.stopping:
         return JSONResponse({"status": "stopping"}, status_code=503)
     return {"status": "ok", "running": eng.running(), "waiting": eng.queue_depth(),
             "runner": eng.runner.kind, "family": eng.runner.family, "dtype": str(eng.dtype).removeprefix("torch.")}
@@ -152,7 +152,7 @@ async def health(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
-    state = request.app.state
+    state = request.app.state.server
     if state.keys.required:
         admin(request)  # per-adapter labels would tell tenants about each other's models
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -168,12 +168,12 @@ async def engine_call(state, fn):
 @router.get("/admin/adapters", response_model=list[P.AdapterInfo], dependencies=[Depends(admin)])
 async def admin_list(request: Request):
     return [P.AdapterInfo(name=a.name, path=str(a.path), rank=a.rank, resident=a.resident,
-                          running=a.users) for a in request.app.state.engine.adapters.values()]
+                          running=a.users) for a in request.app.state.server.engine.adapters.values()]
 
 
 @router.post("/admin/adapters", response_model=P.AdapterInfo, dependencies=[Depends(admin)])
 async def admin_load(body: P.LoadAdapterRequest, request: Request):
-    state = request.app.state
+    state = request.app.state.server
     if body.name == state.base_id:
         raise APIError(400, f"name: {body.name!r} is the base model's id", param="name")
     try:
@@ -190,8 +190,9 @@ async def admin_load(body: P.LoadAdapterRequest, request: Request):
 
 @router.delete("/admin/adapters/{name:path}", dependencies=[Depends(admin)])
 async def admin_unload(name: str, request: Request):
-    state = request.app.state
+    state = request.app.state.server
     if name not in state.engine.adapters:
         raise APIError(404, f"no adapter {name!r} is loaded", param="name", code="model_not_found")
     await engine_call(state, lambda: state.engine.remove_adapter(name))
+    state.adapter_info.pop(name, None)
     return {"id": name, "object": "model", "deleted": True}

@@ -79,7 +79,7 @@ class Mailbox:
 
 class Serving:
     def __init__(self, state):
-        self.state = state  # app.state: settings, engine, tokenizer, base_id, metrics, system_prompts
+        self.state = state  # the ServerState (state.py)
         self.mailbox: Mailbox | None = None  # for the running event loop (one per server; tests start several)
         state.engine.after_step.append(self._flush)
 

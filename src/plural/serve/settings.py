@@ -34,6 +34,22 @@ class ApiKey(Strict):
     models: list[str] = ["*"]
 
 
+class ShareSettings(Strict):
+    """Adapters this server lets peers pull over the OCI distribution API (`/v2/...`)."""
+
+    keys: list[str] = []  # keys that may pull (the admin key always may)
+    adapters: dict[str, str] = {}  # "REPOSITORY:TAG" -> a served adapter's model id
+
+    @field_validator("adapters")
+    @classmethod
+    def _refs(cls, v: dict[str, str]) -> dict[str, str]:
+        for ref in v:
+            repo, sep, tag = ref.rpartition(":")
+            if not sep or not repo or not tag or "/" in tag:
+                raise ValueError(f"{ref!r}: expected REPOSITORY:TAG, e.g. acme/support:v1")
+        return v
+
+
 class ServeSettings(Strict):
     model: Annotated[str, PathField(name_ok=True)] | None = None  # stored base model (default: the bundled SmolLM2)
     adapters: dict[str, Annotated[str, PathField(name_ok=True)]] = {}  # model id -> adapter path or store name, registered at start
@@ -57,6 +73,15 @@ class ServeSettings(Strict):
     request_timeout: float = Field(600.0, gt=0)  # seconds per request, queueing included
     max_body_bytes: int = Field(4_000_000, ge=1024)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads for the engine
+    # On SIGTERM/SIGINT: seconds for in-flight requests to finish (new ones get 503 shutting_down).
+    shutdown_timeout: float = Field(30.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # the server log on stderr
+    # auto: the fused runner for the families it computes (serve/families.py), else the generic one
+    runner: Literal["auto", "fused", "generic"] = "auto"
+    # A trust file (or one public key PEM): every adapter must carry a trusted signature
+    # (plural adapters sign) to be registered, at start and through the admin API.
+    require_signed: Annotated[str, PathField()] | None = None
+    share: ShareSettings = ShareSettings()
 
     @field_validator("dtype")
     @classmethod
