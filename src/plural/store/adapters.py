@@ -142,10 +142,18 @@ def attach_adapter(model, path: str | Path, base: StoredModel | None = None, ada
     """Wrap `model` in a PeftModel with the adapter at `path` (checked against `base`)."""
     from peft import PeftModel
 
+    from safetensors import SafetensorError, safe_open
+
     p = resolve_adapter(path)
     if base is not None:
         check_base(p, base)
+    read_adapter_config(p)  # a JSON object (PEFT raises TypeError deep inside on anything else)
+    try:
+        with safe_open(str(p / WEIGHTS), framework="pt") as f:
+            list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise PluralError(f"{p / WEIGHTS}: damaged or truncated safetensors file ({e})") from e
     try:
         return PeftModel.from_pretrained(model, str(p), adapter_name=adapter_name, is_trainable=is_trainable)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise PluralError(f"{p}: the adapter does not fit the base model: {e}") from e
