@@ -134,11 +134,13 @@ def export_ollama(src: Source, out: Path, qtype: ModelType = "q8_0", adapter_lay
                   system: str | None = None, force: bool = False) -> OllamaExport:
     from plural.store.models import load_tokenizer
 
+    if adapter_layer and src.adapter is None:
+        raise PluralError(f"--adapter-layer needs an adapter; {src.name!r} is a base model")
     tok = load_tokenizer(str(src.base.path))
     pieces = derive(tok)
     stop = [end_of_turn(tok)]
     with atomic_folder(out, force) as tmp:
-        if adapter_layer and src.adapter is not None:
+        if adapter_layer:
             base_src = Source(base=src.base)
             export_gguf(base_src, tmp / "base.gguf", qtype)
             export_gguf_lora(src, tmp / "adapter.gguf", "f16")
