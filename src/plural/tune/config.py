@@ -24,7 +24,9 @@ from plural.config import ConfigPath, PathField, Strict
 
 METHODS = ("sft", "text", "dpo", "orpo")
 PREFERENCE_METHODS = ("dpo", "orpo")
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# PEFT's "all-linear": every linear layer but the output layer, whatever the family calls them
+# (q_proj … down_proj in Llama/Mistral/Qwen/Gemma; qkv_proj and gate_up_proj in Phi-3's fused ones).
+DEFAULT_TARGETS = "all-linear"
 
 
 class DataConfig(Strict):
@@ -46,7 +48,7 @@ class LoraConfig(Strict):
     alpha: float = Field(32, gt=0)
     # 0 by default: on CPU the dropout masks cost ~12% of a step (profiled) for little gain on small data
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    target_modules: Literal["all-linear"] | list[str] = Field(DEFAULT_TARGETS, min_length=1)
 
 
 class TrainConfig(Strict):

@@ -62,10 +62,11 @@ def add_lora(model, cfg: TuneConfig):
 
     lc = cfg.lora
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [m for m in lc.target_modules if m not in present]
+    missing = [] if lc.target_modules == "all-linear" else [m for m in lc.target_modules if m not in present]
     if missing:
         raise PluralError(f"lora.target_modules: {', '.join(missing)} not found in the model (it has e.g. {', '.join(sorted(present)[:8])})")
-    pc = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
+    pc = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules if lc.target_modules == "all-linear" else list(lc.target_modules),
+                    task_type="CAUSAL_LM")
     return get_peft_model(model, pc)
 
 
