@@ -30,6 +30,8 @@ demo: install
 test: install
 	# CNCF distribution, the real OCI registry the sharing tests push to and pull from (tests/share)
 	test -x /usr/bin/docker-registry || (apt-get update -q && apt-get install -y -q docker-registry)
+	# Debian's Chromium, the browser the console tests drive with Playwright (no browser download)
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 	$(BIN)/python -m pytest -q tests
 
 clean:

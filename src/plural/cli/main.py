@@ -43,6 +43,9 @@ def _register() -> None:
     eval_cli.register(app)  # eval
     app.add_typer(values.app, name="values")
     serve.register(app)  # serve
+    from plural.cli import console
+
+    console.register(app)  # console
     federate.register(app)  # federate, node
     from plural.cli import export as export_cli
 

@@ -46,6 +46,7 @@ def serve(
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug | info | warning | error (the server log on stderr)."),
     runner: Optional[str] = typer.Option(None, "--runner", help="auto | fused | generic (auto: fused for Llama, Mistral, Qwen2/3, Gemma 2; generic otherwise)."),
     require_signed: Optional[str] = typer.Option(None, "--require-signed", help="TRUST.yaml or PUB.pem: refuse adapters without a trusted signature (admin API included)."),
+    runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Training runs and eval reports the console (/console) shows."),
 ) -> None:
     """Serve the base model and LoRA adapters behind an OpenAI-compatible API (many adapters, one batch)."""
     import uvicorn
@@ -56,7 +57,7 @@ def serve(
 
     settings = load_settings(
         config, model=model, adapters=_pairs(adapter, "--adapter", "PATH"), host=host, port=port, dtype=dtype, quantize=quantize,
-        max_model_len=max_model_len, max_batch=max_batch, log_level=log_level, runner=runner, require_signed=require_signed,
+        max_model_len=max_model_len, max_batch=max_batch, log_level=log_level, runner=runner, require_signed=require_signed, runs_dir=runs_dir,
         system_prompts=profile_prompts(_pairs(profile, "--profile", "PROFILE.yaml")),
     )
     settings.check_binding()
@@ -73,7 +74,8 @@ def serve(
     eng = app.state.server.engine
     err.print(f"[green]serving[/] {app.state.server.base_id} + {len(eng.adapters)} adapter(s) "
               f"on http://{settings.host}:{settings.port}/v1 (runner: {eng.runner.describe()}, "
-              f"{str(eng.dtype).removeprefix('torch.')}{', int4' if settings.quantize == 'int4' else ''})", highlight=False)
+              f"{str(eng.dtype).removeprefix('torch.')}{', int4' if settings.quantize == 'int4' else ''}); "
+              f"console: http://{settings.host}:{settings.port}/console", highlight=False)
     # The drain is plural's (serve.lifecycle); uvicorn's graceful timeout only bounds the last writes.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
     DrainingServer(config, app.state.server, settings.shutdown_timeout).run()

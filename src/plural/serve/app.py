@@ -107,6 +107,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
                   description="OpenAI-compatible server for a base model and its LoRA adapters.")
     app.state.server = state = build_state(settings)
     app.include_router(router)
+    from plural.serve.console_routes import console_router
+
+    app.include_router(console_router)  # /console: the browser page and the JSON it reads
     if settings.share.adapters:
         app.include_router(peer_router(state))
     app.add_middleware(Guard, state=state)

@@ -82,6 +82,9 @@ class ServeSettings(Strict):
     # (plural adapters sign) to be registered, at start and through the admin API.
     require_signed: Annotated[str, PathField()] | None = None
     share: ShareSettings = ShareSettings()
+    # Training, federation and eval-report folders the console (/console) shows; admin key only
+    # when the server has keys.
+    runs_dir: Annotated[str, PathField()] | None = None
 
     @field_validator("dtype")
     @classmethod

@@ -1,0 +1,56 @@
+"""`plural console`: `plural serve` on the stored base model and every stored adapter made for it,
+with the runs folder the console shows, for a person to open in a browser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from plural.errors import PluralError
+
+err = Console(stderr=True)
+
+
+def stored_adapters(base: str) -> list[str]:
+    """NAME=PATH for each adapter in the store whose manifest names `base` (others would be refused)."""
+    from plural.store.adapters import CONFIG, read_manifest
+    from plural.store.paths import adapters_dir
+
+    root = adapters_dir()
+    out = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if not (d / CONFIG).is_file():
+            continue
+        try:
+            about = read_manifest(d).get("base")
+        except PluralError as e:  # a damaged manifest: say so, serve the rest
+            err.print(f"[yellow]skipped[/] {d.name}: {e}", highlight=False)
+            continue
+        if isinstance(about, dict) and about.get("name") == base:
+            out.append(f"{d.name}={d}")
+    return out
+
+
+def console(
+    model: Optional[str] = typer.Option(None, "--model", help="Stored base model (default: the bundled SmolLM2)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Runs folder: training and federated runs, eval reports."),
+    port: int = typer.Option(8000, "--port", help="Port on 127.0.0.1."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Server settings (YAML) as for `plural serve`: keys, tenants, profiles."),
+) -> None:
+    """Open the console: serve the stored models on 127.0.0.1 and print the page's address."""
+    from plural.cli.serve import serve
+    from plural.store.models import get_model
+
+    base = get_model(model).name  # a missing model fails here, with the fix, before anything starts
+    adapters = stored_adapters(base)
+    err.print(f"[bold]console[/] http://127.0.0.1:{port}/console  ({base} + {len(adapters)} stored adapter(s), "
+              f"runs: {runs.resolve()})", highlight=False)
+    serve(model=base, adapter=adapters, host=None, port=port, config=config, profile=[], dtype=None, quantize=None,
+          max_model_len=None, max_batch=None, log_level=None, runner=None, require_signed=None, runs_dir=str(runs.resolve()))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("console")(console)

@@ -1,0 +1,90 @@
+"""Fixtures for the console tests: one real `plural serve` process on the tiny model with two
+tenants' adapters and a runs folder holding the awkward cases (a log line half-written, a run
+without checkpoints, a federated run with DP, a current and an older eval report), and headless
+Chromium (Debian's /usr/bin/chromium) driven by Playwright, with every request and console
+message recorded.
+
+Set PLURAL_CONSOLE_SCREENSHOTS=DIR to save a PNG of each view there (docs/console.md's images).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+SERVE_TESTS = Path(__file__).resolve().parents[1] / "serve"
+sys.path.insert(0, str(SERVE_TESTS))
+from server import Server  # noqa: E402  (tests/serve/server.py: start and stop by PID)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from console_site import ACME_KEY, ADMIN_KEY, ARGS, BETA_KEY, CHROMIUM, SYSTEM_ACME, Watched, write_runs  # noqa: E402,F401
+
+
+def _serve_fixtures():
+    """tests/serve/conftest.py's make_adapter (random non-zero LoRA B), loaded under its own name."""
+    spec = importlib.util.spec_from_file_location("serve_test_fixtures", SERVE_TESTS / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def console_server(store, tmp_path_factory):
+    fx = _serve_fixtures()
+    root = tmp_path_factory.mktemp("console")
+    a = fx.make_adapter("tiny", root / "adapters" / "acme-support", seed=1, **fx.ADAPTER_SPECS["qv4"])
+    b = fx.make_adapter("tiny", root / "adapters" / "beta-legal", seed=2, **fx.ADAPTER_SPECS["rs2"])
+    runs = write_runs(root / "runs")
+    settings = {
+        "model": "tiny", "adapters": {"acme-support": str(a), "beta-legal": str(b)}, "adapter_dirs": [str(root / "adapters")],
+        "admin_key": ADMIN_KEY, "runs_dir": str(runs), "max_batch": 4,
+        "api_keys": [{"key": ACME_KEY, "tenant": "acme", "models": ["tiny", "acme-support"]},
+                     {"key": BETA_KEY, "tenant": "beta", "models": ["tiny", "beta-legal"]}],
+        "system_prompts": {"acme-support": SYSTEM_ACME},
+    }
+    srv = Server(root, settings).wait_ready()
+    srv.runs = runs
+    yield srv
+    assert srv.stop() == 0, srv.output()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert os.access(CHROMIUM, os.X_OK), "Debian's chromium is missing: apt-get install -y chromium (make test does)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def watched(browser, console_server):
+    origin = console_server.url
+    ctx = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = ctx.new_page()
+    w = Watched(page, origin)
+
+    def gate(route):
+        url = route.request.url
+        w.requests.append(url)
+        parts = urlsplit(url)
+        if f"{parts.scheme}://{parts.netloc}" == origin or parts.scheme in ("data", "about", "blob"):
+            route.continue_()
+        else:  # the console must work offline: anything else is recorded and refused
+            w.outside.append(url)
+            route.abort()
+
+    ctx.route("**/*", gate)
+    page.on("console", lambda m: w.errors.append(f"console.{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: w.errors.append(f"pageerror: {e}"))
+    yield w
+    ctx.close()
+    assert w.outside == [], f"requests outside {origin}: {w.outside}"
+    assert w.errors == [], w.errors
