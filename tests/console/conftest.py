@@ -33,12 +33,28 @@ def _serve_fixtures():
     return mod
 
 
+def describe(adapter: Path, data: Path) -> None:
+    """Give an adapter's manifest what `plural tune` records: its data file's sha256 and metrics."""
+    import json
+
+    from plural.store.adapters import MANIFEST, sha256_file
+    from plural.store.paths import write_json_atomic
+
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}\n')
+    man = json.loads((adapter / MANIFEST).read_text())
+    man.update(method="sft", data=[{"path": str(data), "sha256": sha256_file(data)}],
+               metrics={"train_loss": 1.234, "eval_loss": 1.456, "steps": 40})
+    write_json_atomic(adapter / MANIFEST, man)
+
+
 @pytest.fixture(scope="session")
 def console_server(store, tmp_path_factory):
     fx = _serve_fixtures()
     root = tmp_path_factory.mktemp("console")
     a = fx.make_adapter("tiny", root / "adapters" / "acme-support", seed=1, **fx.ADAPTER_SPECS["qv4"])
     b = fx.make_adapter("tiny", root / "adapters" / "beta-legal", seed=2, **fx.ADAPTER_SPECS["rs2"])
+    describe(a, root / "data" / "acme-train.jsonl")
     runs = write_runs(root / "runs")
     settings = {
         "model": "tiny", "adapters": {"acme-support": str(a), "beta-legal": str(b)}, "adapter_dirs": [str(root / "adapters")],
@@ -87,4 +103,4 @@ def watched(browser, console_server):
     yield w
     ctx.close()
     assert w.outside == [], f"requests outside {origin}: {w.outside}"
-    assert w.errors == [], w.errors
+    assert w.unexpected() == [], w.errors

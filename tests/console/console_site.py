@@ -86,6 +86,10 @@ class Watched:
         self.requests: list[str] = []
         self.outside: list[str] = []
         self.errors: list[str] = []
+        self.expected: list[str] = []  # console messages a test provokes on purpose (Chromium logs every 4xx)
+
+    def unexpected(self) -> list[str]:
+        return [e for e in self.errors if not any(x in e for x in self.expected)]
 
     def open(self, key: str | None, view: str = "compare"):
         """Load the console, type the key into its form, go to a view."""

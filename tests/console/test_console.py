@@ -71,7 +71,9 @@ def test_adapters_table_lists_what_v1_models_lists(watched, console_server, key)
     assert shown == listed
     if key == ADMIN_KEY:
         row = page.inner_text("#adapters-table tr[data-model='acme-support']")
-        assert "test" in row  # method from plural.json
+        assert "sft" in row and "eval_loss = 1.4560" in row  # method and metrics from plural.json
+        data = api(console_server, "/console/api/adapters", key).json()[1]["data"][0]
+        assert data["sha256"][:19] in row
         assert "unsigned" in row and "KiB" in row  # trust and size on disk
         assert SYSTEM_ACME[:20] in row
         assert page.is_visible("#load-form")  # load/unload for the admin key
@@ -167,3 +169,52 @@ def test_page_asks_only_its_own_origin(watched, console_server):
     assert len(httpx.get(console_server.url + "/console/static/console.js").content) < 100_000
     assert httpx.get(console_server.url + "/console/static/../app.py").status_code == 404
     assert api(console_server, "/console/api/runs/../../etc", ADMIN_KEY).status_code == 404
+
+
+def test_prompt_from_a_suite(watched):
+    page = watched.open(ADMIN_KEY, "compare")
+    page.wait_for_selector("#suite-prompt option[value='When does the shop open on Saturday?']", state="attached")
+    page.select_option("#suite-prompt", "When does the shop open on Saturday?")
+    assert page.input_value("#prompt") == "When does the shop open on Saturday?"
+
+
+def test_reload_keeps_view_and_settings(watched, console_server):
+    page = watched.open(ADMIN_KEY, "compare")
+    page.fill("#prompt", "Kept across a reload?")
+    for box in page.query_selector_all("#variants input"):
+        box.set_checked(box.get_attribute("value") in ("acme-support", "beta-legal"))
+    page.fill("#max-tokens", "3")
+    page.click("#run")
+    page.wait_for_selector("#compare-status:text('done')", timeout=30_000)
+    page.reload()  # the key and the compare settings live in this tab's sessionStorage
+    page.wait_for_selector("#who-text:not(:empty)")
+    assert page.input_value("#prompt") == "Kept across a reload?"
+    assert [b.get_attribute("value") for b in page.query_selector_all("#variants input:checked")] == ["acme-support", "beta-legal"]
+    page.goto(console_server.url + "/console#/runs/legal-dpo")
+    page.reload()
+    page.wait_for_selector("#run-detail h2")
+    assert "legal-dpo" in page.inner_text("#run-detail h2") and "step-0000002" in page.inner_text("#run-detail")
+
+
+def test_admin_loads_and_unloads_an_adapter_from_the_page(watched, console_server):
+    page = watched.open(ADMIN_KEY, "adapters")
+    page.wait_for_selector("#adapters-table tbody tr[data-model='acme-support']")
+    path = api(console_server, "/admin/adapters", ADMIN_KEY).json()[0]["path"]
+    page.fill("#load-name", "acme-copy")
+    page.fill("#load-path", path)
+    page.click("#load-form button")
+    page.wait_for_selector("#adapters-table tbody tr[data-model='acme-copy']")
+    assert "acme-copy" in [m["id"] for m in api(console_server, "/v1/models", ADMIN_KEY).json()["data"]]
+    assert page.query_selector("#variants input[value='acme-copy']") is not None
+    # a path outside the store and adapter_dirs is refused, and the page says why
+    watched.expected.append("status of 400 (Bad Request)")
+    page.fill("#load-name", "elsewhere")
+    page.fill("#load-path", "/etc")
+    page.click("#load-form button")
+    page.wait_for_selector("#load-status:text('refused')")
+    assert "path:" in page.inner_text("#load-status")
+    assert len(watched.errors) == 1  # that one 400, nothing else
+    page.once("dialog", lambda d: d.accept())
+    page.click("#adapters-table tbody tr[data-model='acme-copy'] button")
+    page.wait_for_selector("#adapters-table tbody tr[data-model='acme-copy']", state="detached")
+    assert "acme-copy" not in [m["id"] for m in api(console_server, "/v1/models", ADMIN_KEY).json()["data"]]

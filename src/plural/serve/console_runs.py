@@ -105,6 +105,7 @@ class ReportSummary(BaseModel):
     reference: str | None = None
     variants: list[str] = []
     suites: list[str] = []
+    compared: list[str] = []  # suites whose metrics carry differences against the reference
     findings: list[Finding] = []  # significant differences against the reference
     has_html: bool = False
     old_format: bool = False
@@ -356,6 +357,8 @@ def read_report(root: Path, d: Path) -> tuple[ReportSummary, dict[str, Any]]:
                 out.old_format = True
                 out.problems.append(Problem(file=where, message=f"suite {name!r}, metric {m.get('name')!r}: no differences against the reference (older format)"))
                 continue
+            if name not in out.compared:
+                out.compared.append(name)
             for variant, diff in diffs.items():
                 if isinstance(diff, dict) and diff.get("significant"):
                     out.findings.append(Finding(

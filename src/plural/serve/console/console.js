@@ -367,7 +367,7 @@ async function showRuns(id) {
     el("td", {class: "status " + r.status.replace(/ /g, "-")}, r.status),
     el("td", {}, r.method || "–"),
     el("td", {class: "num"}, r.steps + (r.total ? " / " + r.total : "")),
-    el("td", {class: "num"}, fmtNum(r.last_loss)),
+    el("td", {class: "num"}, fmtNum(r.last_loss, 4)),
     el("td", {class: "num"}, r.checkpoints || "none"),
     el("td", {}, r.problems ? r.problems + " note(s)" : ""))));
   if (!list.runs.length) document.querySelector("#runs-table tbody").append(el("tr", {}, el("td", {colspan: 8, class: "meta"}, "No runs found.")));
@@ -381,7 +381,7 @@ async function showRuns(id) {
     parts.push(r.log.length ? lossChart(r.log) : el("p", {class: "meta"}, "No steps logged yet."));
   } else {
     parts.push(el("h3", {}, "rounds"), roundsTable(r.rounds));
-    if (r.final_eval) parts.push(el("p", {}, "held-out loss of the final global adapter: " + fmtNum(r.final_eval.eval_loss)));
+    if (r.final_eval) parts.push(el("p", {}, "held-out loss of the final global adapter: " + fmtNum(r.final_eval.eval_loss, 4)));
   }
   parts.push(el("h3", {}, "checkpoints"));
   parts.push(r.checkpoint_list.length ? el("ul", {class: "checkpoints"}, r.checkpoint_list.map(c => el("li", {}, c.name + " · " + fmtTime(c.modified))))
@@ -398,7 +398,7 @@ function roundsTable(rounds) {
     rounds.map(r => el("tr", {},
       el("td", {class: "num"}, r.round), el("td", {}, r.participants.join(", ")), el("td", {}, r.failed.length ? r.failed.join(", ") : "–"),
       el("td", {class: "num"}, fmtBytes(r.bytes_sent)), el("td", {class: "num"}, fmtBytes(r.bytes_received)),
-      el("td", {class: "num"}, fmtNum(r.train_loss)), el("td", {class: "num"}, fmtNum(r.eval_loss)),
+      el("td", {class: "num"}, fmtNum(r.train_loss, 4)), el("td", {class: "num"}, fmtNum(r.eval_loss, 4)),
       dp ? el("td", {class: "num"}, r.epsilon === null ? "–" : r.epsilon.toFixed(3) + " (" + r.delta + ")") : null,
       el("td", {class: "num"}, fmtNum(r.seconds, 1)))));
 }
@@ -466,8 +466,10 @@ function summary(r) {
   const lines = r.findings.map(f => el("li", {class: f.verdict},
     (f.verdict === "better" ? "▲ " : "▼ ") + f.variant + " is significantly " + f.verdict + " than " + (r.reference || "the reference") +
     " on " + f.suite + " (" + f.metric + (f.difference !== null ? " " + (f.difference >= 0 ? "+" : "") + f.difference.toFixed(4) : "") + ")"));
-  const quiet = r.suites.filter(s => !r.findings.some(f => f.suite === s));
+  const quiet = r.compared.filter(s => !r.findings.some(f => f.suite === s));
   if (quiet.length) lines.push(el("li", {class: "meta"}, "no significant difference on " + quiet.join(", ")));
+  const unknown = r.suites.filter(s => !r.compared.includes(s));
+  if (unknown.length) lines.push(el("li", {class: "meta"}, "not compared with the reference (no differences in the report): " + unknown.join(", ")));
   return el("ul", {class: "findings"}, lines);
 }
 
