@@ -128,8 +128,8 @@ def test_errors_have_openai_shape(srv):
     c = client(srv)
     msgs = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="tiny", messages=msgs, presence_penalty=0.5)
-    assert e.value.body["param"] == "presence_penalty" and "not supported" in e.value.body["message"]
+        c.chat.completions.create(model="tiny", messages=msgs, extra_body={"prediction": {"type": "content", "content": "x"}})
+    assert e.value.body["param"] == "prediction" and "not supported" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="tiny", messages=msgs, max_tokens=1000)
     assert "256" in e.value.body["message"] and e.value.body["code"] == "context_length_exceeded"

@@ -33,8 +33,9 @@ import torch
 from plural.errors import PluralError
 from plural.serve.adapter_cache import Adapter, AdapterCache, State
 from plural.serve.detok import TextStream
+from plural.serve.grammar import mask_logits
 from plural.serve.runner import make_runner
-from plural.serve.sampler import SamplingParams, sample
+from plural.serve.sampler import SamplingParams, needs_controls, sample
 from plural.serve.scheduler import EngineStopped, QueueFull, Scheduler
 from plural.serve.sequence import Event, Sequence, TokenLogprob
 
@@ -232,14 +233,31 @@ class Engine:
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """logits [n, V] fp32 on CPU, one row per sequence. Whatever goes wrong for one sequence
-        (its sampling, detokenisation, stop strings) fails that sequence alone (issue 11)."""
-        tokens, errors = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        want_lp = [s.params.logprobs is not None for s in seqs]
-        logp = torch.log_softmax(logits, -1) if any(want_lp) else None
+        (its grammar, sampling, detokenisation, stop strings) fails that sequence alone (issue 11)."""
+        params = [s.params for s in seqs]
+        want_lp = [p.logprobs is not None for p in params]
+        constrained = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        raw = logits  # logprobs are the model's own distribution, before masks and penalties (as vLLM's default)
+        # Masks and penalties work in place: on a copy when logprobs need the raw logits, or when
+        # the runner's output is an inference-mode tensor (which refuses in-place updates).
+        if (constrained or any(needs_controls(p) for p in params)) and (any(want_lp) or logits.is_inference()):
+            logits = logits.clone()
+        bad: dict[int, str] = {}
+        if constrained:
+            try:
+                masked = mask_logits(logits, constrained, [seqs[i].constraint for i in constrained])
+            except Exception as e:  # llguidance itself failed: the constrained rows fail, the rest go on
+                log.exception("grammar masks failed for %d sequence(s)", len(constrained))
+                masked = [f"the output grammar failed ({type(e).__name__})"] * len(constrained)
+            bad = {i: e for i, e in zip(constrained, masked) if e is not None}
+        tokens, errors = sample(logits, params, [s.generator for s in seqs], [s.prompt_ids for s in seqs],
+                                [s.out_ids for s in seqs])
+        logp = torch.log_softmax(raw, -1) if any(want_lp) else None
         for i, s in enumerate(seqs):
-            if errors[i] is not None:
-                log.error("request %s (model %s): %s", s.request_id, s.model_id, errors[i])
-                self._fail(s, errors[i])
+            error = bad.get(i) or errors[i]
+            if error is not None:
+                log.error("request %s (model %s): %s", s.request_id, s.model_id, error)
+                self._fail(s, error)
                 continue
             try:
                 lp = None
@@ -255,6 +273,12 @@ class Engine:
                 self._fail(s)
 
     def _append(self, s: Sequence, tok: int, lp: TokenLogprob | None) -> None:
+        if s.constraint is not None:
+            rejected = s.constraint.consume(tok)
+            if rejected:
+                log.error("request %s (model %s): %s", s.request_id, s.model_id, rejected)
+                self._fail(s, "the output grammar rejected a token")
+                return
         if tok in self.stop_ids and not s.params.ignore_eos:
             self._finish(s, "stop")
             return
@@ -265,6 +289,10 @@ class Engine:
         finish = "stop" if s.stream.stopped else None
         if finish is None and (len(s.out_ids) >= s.params.max_tokens or len(s.prompt_ids) + len(s.out_ids) >= self.max_len):
             finish = "length"
+        # The grammar is complete and allows nothing but the end: stop now rather than spend a
+        # step on sampling the forced end-of-turn token.
+        if finish is None and s.constraint is not None and s.constraint.matcher.is_stopped():
+            finish = "stop"
         if finish is None:
             s.emit(Event(text=text, token_ids=[tok], logprobs=[lp] if lp else [], completion_tokens=len(s.out_ids)))
         else:

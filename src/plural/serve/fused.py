@@ -254,6 +254,24 @@ class FusedRunner:
         return self._logits(last)
 
     @torch.inference_mode()
+    def embeddings(self, ids: torch.Tensor, lengths: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """Mean-pooled last hidden state (after the final norm) of each right-padded prompt ids [n, T]
+        (lengths [n]), each row with its adapter slot: [n, hidden] float32. Writes no KV row."""
+        n, T = ids.shape
+        lora = self._gather(slots, keep=False)
+        cos, sin = self.cos[:T][None, :, None], self.sin[:T][None, :, None]
+        i_, j_ = torch.arange(T, device=self.device)[:, None], torch.arange(T, device=self.device)[None]
+        masks = {w_: ((j_ <= i_) & (j_ > i_ - w_))[None, None] for w_ in set(self.windows) if w_ is not None}
+
+        def attend(i, q, k, v):
+            w_ = self.windows[i]
+            return self._attention(q, k, v, masks[w_] if w_ is not None else None, is_causal=True)
+
+        h = self._layers(self._embed(ids), cos, sin, lora, attend).float()
+        keep = (torch.arange(T, device=self.device)[None] < lengths[:, None]).float()[..., None]
+        return (h * keep).sum(1) / lengths[:, None].float()
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """One token for each of KV rows 0..n-1: tokens [n] at positions pos [n], row b with adapter
         slot slots[b]; logits [n, V]. Rows with no sequence are fed token 0 at position 0; they only

@@ -241,6 +241,17 @@ class GenericRunner:
         return self._forward(left, positions, t.expand(n, T), kv_rows, T, False, slots)
 
     @torch.inference_mode()
+    def embeddings(self, ids: torch.Tensor, lengths: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """Mean-pooled last hidden state of each right-padded prompt ids [n, T] (lengths [n]): [n, hidden]
+        float32. The model's own forward without the KV cache (transformers' last hidden state is after
+        the final norm)."""
+        self._set_slots(slots)
+        keep = torch.arange(ids.shape[1], device=self.device)[None] < lengths[:, None]
+        out = self.model(input_ids=ids, attention_mask=keep.long(), use_cache=False, output_hidden_states=True)
+        h = out.hidden_states[-1].float() * keep.float()[..., None]
+        return h.sum(1) / lengths[:, None].float()
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """One token for each of KV rows 0..n-1 at positions pos [n] (rows with no sequence: token 0, position 0)."""
         n = tokens.shape[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -99,7 +100,10 @@ async def chat_completions(req: P.ChatCompletionRequest, request: Request, t: Te
         raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them", param="max_tokens")
     max_tokens = req.max_completion_tokens or req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    job = serving.submit(req.model, [await serving.chat_prompt(req)], req, max_tokens, logprobs, request.state.request_id)
+    grammar, param = serving.chat_grammar(req)
+    await serving.compile(grammar, param)  # before any generation: a schema it cannot enforce is a 400
+    job = serving.submit(req.model, [await serving.chat_prompt(req)], req, max_tokens, logprobs, request.state.request_id,
+                         grammar=grammar)
     return await respond(request, job, serving.chat, serving.stream_chat, req)
 
 
@@ -117,6 +121,25 @@ async def completions(req: P.CompletionRequest, request: Request, t: Tenant = De
             [state.tokenizer.decode(req.prompt)] if isinstance(req.prompt[0], int) else list(req.prompt))
         job.echo = [texts[k // req.n] for k in range(len(job.seqs))]
     return await respond(request, job, serving.completion, serving.stream_completion, req)
+
+
+@router.post("/v1/embeddings", response_model=P.EmbeddingList)
+async def embeddings(req: P.EmbeddingRequest, request: Request, t: Tenant = Depends(tenant)):
+    state = request.app.state.server
+    check_model(state, t, req.model, request)
+    inputs = await asyncio.to_thread(state.serving.embedding_inputs, req)
+    vectors = await state.serving.embed(req.model, inputs)
+    if req.dimensions is not None and req.dimensions != vectors.shape[1]:
+        raise APIError(400, f"dimensions: this model's embeddings have {vectors.shape[1]} dimensions and cannot be "
+                            "shortened", param="dimensions")
+    if req.encoding_format == "base64":  # little-endian float32, as OpenAI's client decodes it
+        data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
+    else:
+        data = vectors.tolist()
+    n = sum(len(x) for x in inputs)
+    state.metrics.requests.labels(req.model, "200").inc()
+    return P.EmbeddingList(data=[P.EmbeddingData(index=i, embedding=e) for i, e in enumerate(data)], model=req.model,
+                           usage=P.EmbeddingUsage(prompt_tokens=n, total_tokens=n))
 
 
 @router.get("/v1/models", response_model=P.ModelList, response_model_exclude_none=True)

@@ -42,6 +42,9 @@ class Runner(Protocol):
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor: ...
 
+    # /v1/embeddings: mean-pooled last hidden state of right-padded prompts [n, T] -> [n, hidden] float32.
+    def embeddings(self, ids: torch.Tensor, lengths: torch.Tensor, slots: list[int]) -> torch.Tensor: ...
+
 
 RUNNERS = ("auto", "fused", "generic")
 

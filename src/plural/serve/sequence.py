@@ -33,7 +33,7 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, model_id: str, adapter, prompt_ids: list[int], params: SamplingParams,
-                 emit: Callable[[Event], None], request_id: str = ""):
+                 emit: Callable[[Event], None], request_id: str = "", constraint=None):
         self.id = next(self._ids)
         self.model_id, self.adapter, self.prompt_ids, self.params, self.emit = model_id, adapter, prompt_ids, params, emit
         self.request_id = request_id  # the HTTP request's id, for the server log
@@ -43,6 +43,7 @@ class Sequence:
         self.cancelled = False  # set from any thread (client gone, timeout); acted on between steps
         self.done = False
         self.generator = make_generator(params.seed)
+        self.constraint = constraint  # grammar.Constraint when the output must follow a grammar
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from plural.serve import protocol as P
+from plural.serve import tools as T
 from plural.serve.engine import EngineStopped, Event, QueueFull, Sequence
+from plural.serve.grammar import COMPILE_SECONDS, GrammarError, Grammars, json_schema_grammar
 from plural.serve.sampler import SamplingParams
 
 
@@ -81,6 +83,7 @@ class Serving:
     def __init__(self, state):
         self.state = state  # the ServerState (state.py)
         self.mailbox: Mailbox | None = None  # for the running event loop (one per server; tests start several)
+        self.grammars = Grammars(state.tokenizer, state.engine.stop_ids)
         state.engine.after_step.append(self._flush)
 
     # ---- requests -> sequences ------------------------------------------------------------------
@@ -98,9 +101,18 @@ class Serving:
                            code="context_length_exceeded")
         temperature = 1.0 if req.temperature is None else req.temperature
         seed = None if req.seed is None else req.seed + choice  # n choices from one seed, each different
+        vocab = len(self.state.tokenizer)
+        bias = tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items())
+        for t, _ in bias:
+            if t >= vocab:
+                raise APIError(400, f"logit_bias: token id {t} is not in the vocabulary (ids 0 to {vocab - 1})",
+                               param="logit_bias")
         return SamplingParams(max_tokens=max_tokens or (limit - prompt_len), temperature=temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, seed=seed, stop=req.stop_list(),
-                              logprobs=logprobs, ignore_eos=req.ignore_eos)
+                              logprobs=logprobs, ignore_eos=req.ignore_eos,
+                              frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+                              repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                              logit_bias=bias, top_k=max(0, req.top_k or 0), min_p=req.min_p or 0.0)
 
     async def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
         # Off the event loop: a 4 MB prompt takes a while to tokenise, and every stream waits meanwhile.
@@ -112,15 +124,46 @@ class Serving:
     def _chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
         from plural.data.chat import render
 
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        system = self.state.system_prompts.get(req.model)
-        if system and msgs[0]["role"] != "system":
-            msgs = [{"role": "system", "content": system}] + msgs
+        tok = self.state.tokenizer
+        msgs, tools = T.messages(req, tok, self.state.system_prompts.get(req.model))
         try:
-            text = render(self.state.tokenizer, msgs, add_generation_prompt=True)
+            if tools:  # the template renders the tools itself
+                text = tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=True)
+            else:
+                text = render(tok, msgs, add_generation_prompt=True)
         except Exception as e:  # the template rejects the conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the model's chat template cannot render them: {e}", param="messages") from e
-        return self.state.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    # ---- structured output ----------------------------------------------------------------------
+
+    @staticmethod
+    def chat_grammar(req: P.ChatCompletionRequest) -> tuple[str | None, str]:
+        """(the llguidance grammar the answer must follow or None, the request field it comes from)."""
+        rf, answer = req.response_format, None
+        if isinstance(rf, P.ResponseFormatJSONObject):
+            answer = {"type": "object"}
+        elif isinstance(rf, P.ResponseFormatJSONSchema):
+            answer = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {"type": "object"}
+        param = "tools" if req.tool_mode() != "none" else "response_format"
+        try:
+            if req.tool_mode() != "none":
+                return T.grammar(req, answer), param
+            return (json_schema_grammar(answer) if answer is not None else None), param
+        except ValueError as e:  # llguidance refuses the schema's JSON itself
+            raise APIError(400, f"{param}: the schema cannot be compiled: {e}", param=param) from e
+
+    async def compile(self, grammar: str | None, param: str) -> None:
+        """Compile (or find in the cache) a grammar off the event loop, within COMPILE_SECONDS; fail closed."""
+        if grammar is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.grammars.constraint, grammar), COMPILE_SECONDS)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"{param}: the schema took longer than {COMPILE_SECONDS:g} s to compile; simplify it",
+                           param=param) from None
+        except GrammarError as e:
+            raise APIError(400, f"{param}: the schema cannot be enforced: {e}", param=param) from None
 
     def _completion_prompts(self, req: P.CompletionRequest) -> list[list[int]]:
         tok = self.state.tokenizer
@@ -153,7 +196,7 @@ class Serving:
             box.flush()
 
     def submit(self, model: str, prompts: list[list[int]], req: P.SamplingFields, max_tokens: int | None,
-               logprobs: int | None, request_id: str = "") -> Job:
+               logprobs: int | None, request_id: str = "", grammar: str | None = None) -> Job:
         mailbox = self._mailbox()
         queue: asyncio.Queue = asyncio.Queue()
         adapter = self.state.engine.adapters.get(model) if model != self.state.base_id else None
@@ -166,7 +209,9 @@ class Serving:
                 def emit(ev: Event, idx=idx) -> None:
                     mailbox.post(queue, (idx, ev))
 
-                seqs.append(Sequence(model, adapter, p_ids, params, emit, request_id))
+                # Compiled by `compile` just before: a cache hit, and a copy of the matcher per choice.
+                constraint = self.grammars.constraint(grammar) if grammar is not None else None
+                seqs.append(Sequence(model, adapter, p_ids, params, emit, request_id, constraint=constraint))
         try:
             self.state.engine.submit(seqs)
         except QueueFull as e:
@@ -176,6 +221,74 @@ class Serving:
             raise APIError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "5"}) from e
         self.state.metrics.prompt_tokens.labels(model).inc(sum(len(p) for p in prompts))
         return Job(seqs, queue, time.monotonic(), model)
+
+    # ---- embeddings -----------------------------------------------------------------------------
+
+    def embedding_inputs(self, req: P.EmbeddingRequest) -> list[list[int]]:
+        tok, limit = self.state.tokenizer, self.state.engine.max_len
+        inp = req.input
+        if isinstance(inp, str):
+            items = [inp]
+        elif all(isinstance(x, int) for x in inp):
+            items = [list(inp)]
+        else:
+            items = list(inp)
+        vocab, out = len(tok), []
+        for k, item in enumerate(items):
+            ids = tok(item, add_special_tokens=False)["input_ids"] if isinstance(item, str) else list(item)
+            if not ids:
+                raise APIError(400, f"input[{k}]: empty input", param="input")
+            if any(not 0 <= x < vocab for x in ids):
+                raise APIError(400, f"input[{k}]: token ids must be in [0, {vocab})", param="input")
+            if len(ids) > limit:
+                raise APIError(400, f"input[{k}]: {len(ids)} tokens; this model's maximum context length is {limit}",
+                               param="input", code="context_length_exceeded")
+            out.append(ids)
+        return out
+
+    async def embed(self, model: str, inputs: list[list[int]]):
+        """Unit-length mean-pooled last hidden states [len(inputs), hidden] of the base or an adapter,
+        computed on the engine thread between steps (it owns the model)."""
+        import torch
+
+        eng = self.state.engine
+        adapter = eng.adapters.get(model) if model != self.state.base_id else None
+
+        def run():
+            if adapter is not None:
+                if adapter.removed:
+                    raise APIError(404, f"adapter {adapter.name!r} was unloaded", param="model", code="model_not_found")
+                if not eng.cache.want(adapter):
+                    return None  # its load has started (or waits for a slot): ask again after a step
+                eng.cache.acquire(adapter)
+            try:
+                out = []
+                for k in range(0, len(inputs), eng.runner.rows):
+                    part = inputs[k:k + eng.runner.rows]
+                    lengths = [len(x) for x in part]
+                    ids = torch.zeros(len(part), max(lengths), dtype=torch.long)
+                    for r, x in enumerate(part):
+                        ids[r, :len(x)] = torch.tensor(x)
+                    slot = 0 if adapter is None else adapter.slot
+                    out.append(eng.runner.embeddings(ids.to(eng.device), torch.tensor(lengths, device=eng.device),
+                                                [slot] * len(part)).cpu())
+                return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+            finally:
+                if adapter is not None:
+                    eng.cache.release(adapter)
+
+        deadline = time.monotonic() + self.state.settings.request_timeout
+        while True:
+            try:
+                result = await asyncio.to_thread(eng.call, run)
+            except EngineStopped as e:
+                raise APIError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "5"}) from e
+            if result is not None:
+                return result
+            if time.monotonic() > deadline:
+                raise APIError(503, "request timed out waiting for the adapter to load", type="server_error",
+                               code="timeout", headers={"Retry-After": "1"})
+            await asyncio.sleep(0.02)
 
     # ---- events -> results ----------------------------------------------------------------------
 
@@ -246,9 +359,13 @@ class Serving:
             lps[i].extend(ev.logprobs)
             if ev.finish_reason:
                 finish[i], done_tokens[i] = ev.finish_reason, ev.completion_tokens
-        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=texts[i]), finish_reason=finish[i],
-                                logprobs=self.chat_logprobs(lps[i]) if req.logprobs else None)
-                   for i in range(len(job.seqs))]
+        mode = req.tool_mode()
+        choices = []
+        for i in range(len(job.seqs)):
+            content, calls = T.parse(texts[i]) if mode != "none" else (texts[i], [])
+            choices.append(P.ChatChoice(index=i, message=P.AssistantMessage(content=content, tool_calls=calls or None),
+                                        finish_reason=_finish_reason(finish[i], bool(calls), mode),
+                                        logprobs=self.chat_logprobs(lps[i]) if req.logprobs else None))
         return P.ChatCompletion(model=req.model, choices=choices, usage=self._usage(job, done_tokens))
 
     async def completion(self, req: P.CompletionRequest, job: Job) -> P.Completion:
@@ -285,6 +402,9 @@ class Serving:
             return _sse(P.ChatCompletionChunk(**base, choices=choices, usage=usage).model_dump())
 
         text_chunk = content_chunk_writer(base)
+        mode = req.tool_mode()
+        parsers = [T.StreamParser() for _ in job.seqs] if mode != "none" else None
+        n_calls = [0] * len(job.seqs)
 
         async for i, ev in _with_errors(self.events(job)):
             if isinstance(ev, APIError):
@@ -295,13 +415,28 @@ class Serving:
                 started[i] = True
                 yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(role="assistant", content=""))])
             lp = self.chat_logprobs(ev.logprobs) if req.logprobs and ev.logprobs else None
-            if lp:
+            if parsers is not None:  # tools offered: content and whole calls, split by the parser
+                if lp:
+                    yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(), logprobs=lp)])
+                pieces = parsers[i].push(ev.text)
+                if ev.finish_reason and (rest := parsers[i].finish()):
+                    pieces.append(rest)
+                for piece in pieces:
+                    if isinstance(piece, str):
+                        yield text_chunk(i, piece)
+                    else:
+                        call = P.ChunkToolCall(index=n_calls[i], id=piece.id, type="function", function=P.ChunkFunction(
+                            name=piece.function.name, arguments=piece.function.arguments))
+                        n_calls[i] += 1
+                        yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(tool_calls=[call]))])
+            elif lp:
                 yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(content=ev.text), logprobs=lp)])
             elif ev.text:  # the common case, once per token per stream: no pydantic round trip
                 yield text_chunk(i, ev.text)
             if ev.finish_reason:
                 done_tokens[i] = ev.completion_tokens
-                yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(), finish_reason=ev.finish_reason)])
+                reason = _finish_reason(ev.finish_reason, n_calls[i] > 0, mode)
+                yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(), finish_reason=reason)])
         if include_usage and job.status == 200:
             yield chunk([], usage=self._usage(job, done_tokens))
         yield "data: [DONE]\n\n"  # after an error event too, as vLLM does: clients wait for it
@@ -342,16 +477,21 @@ async def _with_errors(events):
         yield -1, e
 
 
+def _finish_reason(reason: str, called: bool, mode: str) -> str:
+    # OpenAI answers "tool_calls" when the model chose to call, and "stop" when tool_choice named
+    # the function (the call was forced); "length" stays "length".
+    return "tool_calls" if called and reason == "stop" and mode != "named" else reason
+
+
 def content_chunk_writer(base: dict):
     """(choice index, text) -> the SSE line of a content-only `chat.completion.chunk`, the same JSON
     as `P.ChatCompletionChunk(**base, choices=[ChunkChoice(index, ChunkDelta(content=text))])`."""
-    head = json.dumps(P.ChatCompletionChunk(**base, choices=[]).model_dump(exclude={"choices", "usage", "system_fingerprint"}),
+    head = json.dumps(P.ChatCompletionChunk(**base, choices=[]).model_dump(exclude={"choices", "usage"}),
                       ensure_ascii=False)[:-1]
 
     def write(index: int, text: str) -> str:
-        return (f'data: {head}, "choices": [{{"index": {index}, "delta": {{"role": null, "content": '
-                f'{json.dumps(text, ensure_ascii=False)}}}, "logprobs": null, "finish_reason": null}}], '
-                f'"usage": null, "system_fingerprint": null}}\n\n')
+        return (f'data: {head}, "choices": [{{"index": {index}, "delta": {{"content": '
+                f'{json.dumps(text, ensure_ascii=False)}}}, "logprobs": null, "finish_reason": null}}]}}\n\n')
 
     return write
 

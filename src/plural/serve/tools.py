@@ -1,0 +1,197 @@
+"""Tool calling: the prompt for the tools, the grammar a call must follow, and reading calls back.
+
+The call format is Hermes' (NousResearch), which Qwen2/2.5/3 and SmolLM3 were trained on:
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+A chat template that renders `tools` itself gets them (and assistant `tool_calls` / `tool` turns in
+HF's message format). A template that does not (SmolLM2's) gets the tools as a system-prompt
+section (`TOOLS_PROMPT`), earlier calls rendered in the format above and tool results as user
+turns wrapped in <tool_response>. Either way the model's answer is constrained by a grammar: with
+`tool_choice` "required" or a named function, to one or more calls (one with
+`parallel_tool_calls: false`) whose arguments follow the function's JSON schema; with "auto", to
+either plain text that contains no call, or calls as above — so once the model starts a call, the
+call is constrained.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from plural.serve import protocol as P
+from plural.serve.grammar import json_inline, lark_grammar
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+TOOLS_PROMPT = """# Tools
+
+You may call one or more functions to help with the user's request. The functions, as JSON schemas:
+{tools}
+
+To call a function, answer with only a JSON object giving its name and arguments inside <tool_call></tool_call> tags, one block per call:
+<tool_call>
+{{"name": "<function name>", "arguments": {{<arguments as a JSON object>}}}}
+</tool_call>"""
+
+
+def template_renders_tools(tokenizer) -> bool:
+    template = tokenizer.chat_template or ""
+    return "tools" in template
+
+
+def _arguments(call: P.ToolCall) -> object:
+    try:
+        return json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        return call.function.arguments  # as sent: the template shows it verbatim
+
+
+def _call_text(name: str, arguments: object) -> str:
+    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{CLOSE}"
+
+
+def tool_schema(f: P.FunctionDef) -> dict:
+    return {"type": "function", "function": f.model_dump(exclude_none=True)}
+
+
+def messages(req: P.ChatCompletionRequest, tokenizer, system: str | None) -> tuple[list[dict], list[dict] | None]:
+    """The request's messages as chat-template dicts, and the `tools` to pass to the template (None
+    when the tools went into the system prompt, or when no tools are offered)."""
+    offered = req.tools if req.tool_mode() != "none" else None
+    native = bool(offered) and template_renders_tools(tokenizer)
+    out: list[dict] = []
+    for m in req.messages:
+        role = "system" if m.role == "developer" else m.role
+        text = m.text()
+        if m.role == "assistant" and m.tool_calls:
+            if native:
+                out.append({"role": "assistant", "content": text, "tool_calls": [
+                    {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c)}}
+                    for c in m.tool_calls]})
+                continue
+            text = (text + "\n" if text else "") + "\n".join(_call_text(c.function.name, _arguments(c)) for c in m.tool_calls)
+        elif m.role == "tool" and not native:
+            role, text = "user", f"<tool_response>\n{text}\n</tool_response>"
+        msg = {"role": role, "content": text}
+        if m.role == "tool":
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    if system and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": system})
+    if offered and not native:
+        section = TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool_schema(t.function), ensure_ascii=False)
+                                                      for t in offered))
+        if out[0]["role"] == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + section}
+        else:
+            out.insert(0, {"role": "system", "content": section})
+    return out, ([tool_schema(t.function) for t in offered] if native else None)
+
+
+def call_schema(f: P.FunctionDef) -> dict:
+    args = f.parameters if f.parameters else {"type": "object", "properties": {}, "additionalProperties": False}
+    return {"type": "object", "properties": {"name": {"const": f.name}, "arguments": args},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def grammar(req: P.ChatCompletionRequest, answer_schema: dict | None) -> str | None:
+    """The llguidance grammar for a request that offers tools (None when tool_choice is none)."""
+    mode = req.tool_mode()
+    if mode == "none":
+        return None
+    funcs = [t.function for t in req.tools]
+    if mode == "named":
+        funcs = [f for f in funcs if f.name == req.tool_choice.function.name]
+    rules = [f"fn{i}: {json_inline(call_schema(f))}" for i, f in enumerate(funcs)]
+    call = f'call: "{OPEN}" "\\n"? ({" | ".join(f"fn{i}" for i in range(len(funcs)))}) "\\n"? "{CLOSE}"'
+    calls = 'calls: call ("\\n"? call)*' if req.parallel_tool_calls is not False else "calls: call"
+    if mode == "auto":
+        if answer_schema is not None:
+            head = ["start: answer | calls", f"answer: {json_inline(answer_schema)}"]
+        else:  # free text that does not contain a call, or calls
+            head = ["start: TEXT | calls", "TEXT: /(.|\\n)*/ & ~/(.|\\n)*<tool_call>(.|\\n)*/"]
+    else:
+        head = ["start: calls"]
+    return lark_grammar("\n".join([*head, calls, call, *rules]) + "\n")
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _call_at(text: str, i: int) -> tuple[P.ToolCallOut | None, int]:
+    """text[i:] starts with OPEN: (the call, the index after its CLOSE), or (None, -1) when no
+    complete call is there yet. The JSON is read as JSON, so a "</tool_call>" inside a string
+    argument does not end the call."""
+    j = i + len(OPEN)
+    while j < len(text) and text[j] in " \n":
+        j += 1
+    try:
+        obj, end = _DECODER.raw_decode(text, j)
+    except json.JSONDecodeError:
+        return None, -1
+    while end < len(text) and text[end] in " \n":
+        end += 1
+    if not text.startswith(CLOSE, end) or not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None, -1
+    args = obj.get("arguments", obj.get("parameters", {}))
+    call = P.ToolCallOut(id=f"call_{uuid.uuid4().hex[:24]}",
+                         function=P.FunctionCallOut(name=obj["name"], arguments=json.dumps(args, ensure_ascii=False)))
+    return call, end + len(CLOSE)
+
+
+def parse(text: str) -> tuple[str | None, list[P.ToolCallOut]]:
+    """An answer -> (its content, its tool calls). Text that is not a complete call stays content."""
+    p = StreamParser()
+    pieces = p.push(text) + [p.finish()]
+    calls = [x for x in pieces if isinstance(x, P.ToolCallOut)]
+    if not calls:
+        return text, []
+    content = "".join(x for x in pieces if isinstance(x, str)).strip()
+    return content or None, calls
+
+
+class StreamParser:
+    """Splits a streamed answer into content deltas and complete tool calls.
+
+    Text that could be the start of "<tool_call>" is held back until it is known not to be; a call
+    is released whole when its closing tag arrives (one `tool_calls` delta carrying id, name and
+    all arguments, which the `openai` client and LangChain assemble like any other)."""
+
+    def __init__(self):
+        self.buf = ""
+        self.calls = 0
+
+    def push(self, text: str) -> list[str | P.ToolCallOut]:
+        self.buf += text
+        out: list[str | P.ToolCallOut] = []
+        while self.buf:
+            i = self.buf.find(OPEN)
+            if i < 0:
+                keep = _partial_suffix(self.buf, OPEN)
+                out.append(self.buf[:len(self.buf) - keep])
+                self.buf = self.buf[len(self.buf) - keep:]
+                break
+            out.append(self.buf[:i])
+            self.buf = self.buf[i:]
+            call, end = _call_at(self.buf, 0)
+            if call is None:
+                break  # not complete yet (or never: `finish` then returns it as text)
+            out.append(call)
+            self.calls += 1
+            self.buf = self.buf[end:].lstrip("\n")
+        return [x for x in out if not isinstance(x, str) or x]
+
+    def finish(self) -> str:
+        """What is left when the answer ends (an unfinished call stays text)."""
+        rest, self.buf = self.buf, ""
+        return rest
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest suffix of text that is a proper prefix of tag."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
