@@ -1,0 +1,102 @@
+"""Issue 12, end to end through the real `plural` executable: import a model of another family
+(HF folder, and GGUF where plural's exporter writes the family), tune it with a minimal config
+(default targets: all linear layers, so Phi-3's fused projections train), and serve base and
+adapter with the engine's runner for that family; the served answer equals transformers + PEFT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from families import build
+from server import Server
+
+PLURAL = str(Path(sys.executable).with_name("plural"))
+TRAIN = Path(__file__).resolve().parents[2] / "examples" / "support" / "train.jsonl"
+
+
+def plural(*args, cwd=None):
+    r = subprocess.run([PLURAL, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd,
+                       env={**os.environ, "COLUMNS": "300"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    return r
+
+
+# Phi-3: the family whose fused projections the old default targets missed, served by the generic
+# runner (the fused families' engine equality is in test_serve_families.py).
+@pytest.mark.parametrize("family, runner", [("phi3", "generic")])
+def test_import_tune_serve(store, family, runner, tmp_path):
+    from transformers import AutoTokenizer
+
+    from plural.generation import generate, load_for_inference
+    from plural.store.models import get_model
+
+    tok = AutoTokenizer.from_pretrained(get_model("tiny").path)
+    src = tmp_path / "hf"
+    build(family, tok).save_pretrained(src, safe_serialization=True)
+    tok.save_pretrained(src)
+    name = f"tiny-{family}-e2e"
+    plural("models", "add", src, "--name", name, "--force")
+    assert get_model(name).manifest["architecture"].lower().startswith(family[:4])
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(TRAIN.read_text(encoding="utf-8").splitlines(keepends=True)[:8]), encoding="utf-8")
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "sft", "model": name, "data": {"train": "train.jsonl"},
+                                   "train": {"max_steps": 2, "batch_size": 2}, "output": "run"}))
+    plural("tune", cfg)
+    adapter = tmp_path / "run" / "adapter"
+    targets = {t.rsplit(".", 1)[-1] for t in json.loads((adapter / "adapter_config.json").read_text())["target_modules"]}
+    want = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if family == "phi3" else \
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert targets == want
+    manifest = json.loads((adapter / "plural.json").read_text())
+    assert manifest["base"]["architecture"] == get_model(name).manifest["architecture"]
+
+    msgs = [{"role": "user", "content": "When are you open?"}]
+    model, mtok, _ = load_for_inference(name, adapter)
+    ref = generate(model, mtok, [msgs], max_new_tokens=8, temperature=0.0)[0]
+    srv = Server(tmp_path, {"model": name, "adapters": {"ft": str(adapter)}, "dtype": "float32", "max_model_len": 256}).wait_ready()
+    try:
+        import httpx
+
+        health = httpx.get(srv.url + "/health").json()
+        assert health["runner"] == runner and health["family"] == family
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "ft", "messages": msgs, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"].strip() == ref
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("family", ["qwen2"])
+def test_gguf_of_another_family_imports(store, family, tmp_path):
+    """`plural export gguf` writes the family; `plural models add FILE.gguf` reads it back. (A Mistral
+    GGUF reads back as a Llama, as llama.cpp writes Mistral: checked by hand, left out for time.)"""
+    from transformers import AutoTokenizer
+
+    from plural.store.models import get_model, load_model
+
+    tok = AutoTokenizer.from_pretrained(get_model("tiny").path)
+    src = tmp_path / "hf"
+    model = build(family, tok)
+    model.save_pretrained(src, safe_serialization=True)
+    tok.save_pretrained(src)
+    plural("models", "add", src, "--name", f"src-{family}", "--force")
+    out = tmp_path / f"{family}.gguf"
+    plural("export", "gguf", f"src-{family}", "--type", "f32", "-o", out)
+    plural("models", "add", out, "--name", f"gguf-{family}", "--force")
+    back, _, stored = load_model(f"gguf-{family}")
+    assert stored.manifest["architecture"].lower().startswith(family[:4])
+    import torch
+
+    x = torch.tensor([[200, 201, 202, 203, 204, 205, 206, 207, 208, 209]])
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, model(x).logits, atol=1e-4)
