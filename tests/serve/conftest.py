@@ -37,3 +37,17 @@ def make_adapter(base_name: str, out: Path, seed: int, **lora_kw) -> Path:
 def tiny_adapters(store, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return {name: make_adapter("tiny", root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(ADAPTER_SPECS.items())}
+
+
+@pytest.fixture(scope="session")
+def oai_server(store, tiny_adapters, tmp_path_factory):
+    """One `plural serve` process (tiny + the qv4 adapter, no keys) for the OpenAI-surface tests
+    (test_serve_openai_*.py)."""
+    from server import Server
+
+    tmp = tmp_path_factory.mktemp("oai_srv")
+    settings = {"model": "tiny", "adapters": {"qv4": str(tiny_adapters["qv4"])}, "dtype": "float32",
+                "max_model_len": 512, "max_batch": 8, "max_queue": 32}
+    s = Server(tmp, settings).wait_ready()
+    yield s
+    s.stop()
