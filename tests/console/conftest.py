@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 SERVE_TESTS = Path(__file__).resolve().parents[1] / "serve"
 sys.path.insert(0, str(SERVE_TESTS))
-from server import Server  # noqa: E402  (tests/serve/server.py: start and stop by PID)
+from server import PLURAL, Server, free_port  # noqa: E402  (tests/serve/server.py: start and stop by PID)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from console_site import ACME_KEY, ADMIN_KEY, ARGS, BETA_KEY, CHROMIUM, SYSTEM_ACME, Watched, write_runs  # noqa: E402,F401
@@ -48,6 +50,38 @@ def describe(adapter: Path, data: Path) -> None:
     write_json_atomic(adapter / MANIFEST, man)
 
 
+class ConsoleProcess(Server):
+    """`plural console` (not `plural serve`) as the real process under test, in `cwd` (its ./runs)
+    and with its own PLURAL_HOME; started, waited for and stopped by PID as tests/serve does."""
+
+    def __init__(self, tmp: Path, settings: dict, cwd: Path, home: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = tmp / "serve.yaml"
+        cfg.write_text(yaml.safe_dump(settings))
+        self.log = open(tmp / "server.log", "w+")
+        cmd = [PLURAL, "console", "--config", str(cfg), "--port", str(self.port)]
+        env = {**os.environ, "PLURAL_HOME": str(home), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+
+def console_home(store: Path, root: Path, stored: Path) -> Path:
+    """A store of its own (the session's models, linked) with two stored adapters: `support`, made
+    for `tiny`, and `foreign`, whose manifest names another base (so `plural console` leaves it out)."""
+    import json
+    import shutil
+
+    home = root / "home"
+    (home / "adapters").mkdir(parents=True)
+    (home / "models").symlink_to(store / "models")
+    for name in ("support", "foreign"):
+        shutil.copytree(stored, home / "adapters" / name)
+    man = json.loads((home / "adapters" / "foreign" / "plural.json").read_text())
+    man["base"]["name"] = "some-other-model"
+    (home / "adapters" / "foreign" / "plural.json").write_text(json.dumps(man))
+    return home
+
+
 @pytest.fixture(scope="session")
 def console_server(store, tmp_path_factory):
     fx = _serve_fixtures()
@@ -55,15 +89,15 @@ def console_server(store, tmp_path_factory):
     a = fx.make_adapter("tiny", root / "adapters" / "acme-support", seed=1, **fx.ADAPTER_SPECS["qv4"])
     b = fx.make_adapter("tiny", root / "adapters" / "beta-legal", seed=2, **fx.ADAPTER_SPECS["rs2"])
     describe(a, root / "data" / "acme-train.jsonl")
-    runs = write_runs(root / "runs")
+    runs = write_runs(root / "runs")  # found as ./runs of the console's working directory
     settings = {
         "model": "tiny", "adapters": {"acme-support": str(a), "beta-legal": str(b)}, "adapter_dirs": [str(root / "adapters")],
-        "admin_key": ADMIN_KEY, "runs_dir": str(runs), "max_batch": 4,
+        "admin_key": ADMIN_KEY, "max_batch": 4,
         "api_keys": [{"key": ACME_KEY, "tenant": "acme", "models": ["tiny", "acme-support"]},
                      {"key": BETA_KEY, "tenant": "beta", "models": ["tiny", "beta-legal"]}],
         "system_prompts": {"acme-support": SYSTEM_ACME},
     }
-    srv = Server(root, settings).wait_ready()
+    srv = ConsoleProcess(root, settings, cwd=root, home=console_home(store, root, a)).wait_ready()
     srv.runs = runs
     yield srv
     assert srv.stop() == 0, srv.output()

@@ -36,7 +36,7 @@ def stored_adapters(base: str) -> list[str]:
 
 def console(
     model: Optional[str] = typer.Option(None, "--model", help="Stored base model (default: the bundled SmolLM2)."),
-    runs: Path = typer.Option(Path("runs"), "--runs", help="Runs folder: training and federated runs, eval reports."),
+    runs: Optional[Path] = typer.Option(None, "--runs", help="Runs folder: training and federated runs, eval reports (default: the --config file's runs_dir, else ./runs)."),
     port: int = typer.Option(8000, "--port", help="Port on 127.0.0.1."),
     config: Optional[Path] = typer.Option(None, "--config", help="Server settings (YAML) as for `plural serve`: keys, tenants, profiles."),
 ) -> None:
@@ -44,12 +44,16 @@ def console(
     from plural.cli.serve import serve
     from plural.store.models import get_model
 
-    base = get_model(model).name  # a missing model fails here, with the fix, before anything starts
-    adapters = stored_adapters(base)
+    from plural.serve.settings import load_settings
+
+    file = load_settings(config) if config else None
+    base = get_model(model or (file.model if file else None)).name  # a missing model fails here, with the fix
+    adapters = [a for a in stored_adapters(base) if not file or a.partition("=")[0] not in file.adapters]
+    runs_dir = str(runs.resolve()) if runs else (file.runs_dir if file and file.runs_dir else str(Path("runs").resolve()))
     err.print(f"[bold]console[/] http://127.0.0.1:{port}/console  ({base} + {len(adapters)} stored adapter(s), "
-              f"runs: {runs.resolve()})", highlight=False)
+              f"runs: {runs_dir})", highlight=False)
     serve(model=base, adapter=adapters, host=None, port=port, config=config, profile=[], dtype=None, quantize=None,
-          max_model_len=None, max_batch=None, log_level=None, runner=None, require_signed=None, runs_dir=str(runs.resolve()))
+          max_model_len=None, max_batch=None, log_level=None, runner=None, require_signed=None, runs_dir=runs_dir)
 
 
 def register(app: typer.Typer) -> None:
