@@ -10,6 +10,15 @@ let me = null;          // /console/api/whoami
 let models = [];        // /v1/models data
 let timer = null;       // the current view's refresh
 let compareRun = 0;     // bumps on each Compare click; stale streams stop writing
+const shown = {};       // view -> the JSON it last drew: a refresh that changes nothing redraws nothing
+                        // (so an open <details> or a scrolled config stays as the user left it)
+
+function unchanged(view, data) {
+  const text = JSON.stringify(data);
+  if (shown[view] === text) return true;
+  shown[view] = text;
+  return false;
+}
 
 // ------------------------------------------------------------------ small helpers
 
@@ -135,6 +144,7 @@ async function signIn() {
 
 function route() {
   if (!me) return;
+  for (const k of Object.keys(shown)) delete shown[k];
   clearInterval(timer);
   timer = null;
   notice("");
@@ -313,6 +323,7 @@ function highlight(columns) {
 
 async function showAdapters() {
   const rows = await api("/console/api/adapters");
+  if (unchanged("adapters", rows)) return;
   const tbody = document.querySelector("#adapters-table tbody");
   tbody.replaceChildren(...rows.map(r => el("tr", {"data-model": r.id},
     el("td", {title: r.path || null}, r.id),
@@ -359,6 +370,8 @@ async function loadAdapter(ev) {
 
 async function showRuns(id) {
   const list = await api("/console/api/runs");
+  const r = id ? await api("/console/api/runs/" + id.split("/").map(encodeURIComponent).join("/")) : null;
+  if (unchanged("runs", [list, r, id])) return;
   $("runs-dir").textContent = list.runs_dir ? "runs folder: " + list.runs_dir + (list.exists ? "" : " (does not exist yet)")
                                             : "No runs_dir is configured (serve.yaml: runs_dir, or `plural console --runs DIR`).";
   document.querySelector("#runs-table tbody").replaceChildren(...list.runs.map(r => el("tr", {"data-run": r.id, class: r.id === id ? "selected" : null},
@@ -372,8 +385,7 @@ async function showRuns(id) {
     el("td", {}, r.problems ? r.problems + " note(s)" : ""))));
   if (!list.runs.length) document.querySelector("#runs-table tbody").append(el("tr", {}, el("td", {colspan: 8, class: "meta"}, "No runs found.")));
   const box = $("run-detail");
-  if (!id) return box.replaceChildren();
-  const r = await api("/console/api/runs/" + id.split("/").map(encodeURIComponent).join("/"));
+  if (!r) return box.replaceChildren();
   const parts = [el("h2", {}, r.id, " ", el("span", {class: "status " + r.status.replace(/ /g, "-")}, r.status))];
   parts.push(problemList(r.problems_list));
   if (r.kind === "train") {
