@@ -35,13 +35,13 @@ def stored_adapters(base: str) -> list[str]:
 
 
 def console(
+    ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", help="Stored base model (default: the bundled SmolLM2)."),
     runs: Optional[Path] = typer.Option(None, "--runs", help="Runs folder: training and federated runs, eval reports (default: the --config file's runs_dir, else ./runs)."),
     port: int = typer.Option(8000, "--port", help="Port on 127.0.0.1."),
     config: Optional[Path] = typer.Option(None, "--config", help="Server settings (YAML) as for `plural serve`: keys, tenants, profiles."),
 ) -> None:
     """Open the console: serve the stored models on 127.0.0.1 and print the page's address."""
-    from plural.cli.serve import serve
     from plural.store.models import get_model
 
     from plural.serve.settings import load_settings
@@ -52,8 +52,9 @@ def console(
     runs_dir = str(runs.resolve()) if runs else (file.runs_dir if file and file.runs_dir else str(Path("runs").resolve()))
     err.print(f"[bold]console[/] http://127.0.0.1:{port}/console  ({base} + {len(adapters)} stored adapter(s), "
               f"runs: {runs_dir})", highlight=False)
-    serve(model=base, adapter=adapters, host=None, port=port, config=config, profile=[], dtype=None, quantize=None,
-          max_model_len=None, max_batch=None, log_level=None, runner=None, require_signed=None, runs_dir=runs_dir)
+    # `plural serve` itself, through click so that every option not given here keeps its default
+    serve = ctx.find_root().command.get_command(ctx, "serve")
+    ctx.invoke(serve, model=base, adapter=adapters, port=port, config=config, runs_dir=runs_dir)
 
 
 def register(app: typer.Typer) -> None:

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from plural.errors import PluralError
 from plural.serve import console_runs as R
-from plural.serve.routes import admin, tenant
+from plural.serve.routes import admin, list_models, tenant
 from plural.serve.serving import APIError
 from plural.serve.tenants import Tenant, bearer
 
@@ -70,11 +70,11 @@ class AdapterRow(BaseModel):
     metrics: dict[str, Any] = {}
     size: int | None = None  # bytes on disk of the adapter folder
     rank: int | None = None
-    resident: bool = False  # in the engine's LRU of loaded LoRA slots now
+    resident: bool | None = None  # in the engine's LRU of loaded LoRA slots now (None: not known here)
     running: int = 0  # sequences using it now
     digest: str | None = None
     signer: str | None = None
-    trust: str  # "trusted" (verified at registration), "signed, not verified", "unsigned", "base model"
+    trust: str  # "trusted" (verified at registration), "signed, not verified", "unsigned", "base model", "unknown (upstream)"
     system_prompt: str | None = None  # used when a request has no system message (value profile)
     path: str | None = None  # admin only
     problems: list[str] = []
@@ -110,38 +110,50 @@ async def whoami(request: Request, t: Tenant = Depends(tenant)):
 
 @console_router.get("/console/api/adapters", response_model=list[AdapterRow])
 async def adapters(request: Request, t: Tenant = Depends(tenant)):
+    """One row per model id of the key's /v1/models listing (so the two always agree), with what
+    the engine and the adapter's folder add. In front mode (no engine here) a row holds what the
+    listing says."""
+    state = request.app.state.server
+    paths = _is_admin(request)
+    engine = getattr(state, "engine", None)
+    rows = []
+    for card in (await list_models(request, t)).data:
+        a = engine.adapters.get(card.id) if engine is not None else None
+        if card.parent is None:
+            rows.append(AdapterRow(id=card.id, base=card.id, trust="base model", resident=True,
+                                   system_prompt=state.system_prompts.get(card.id), path=card.root))
+        elif a is None:
+            about = card.plural or {}
+            rows.append(AdapterRow(id=card.id, base=card.parent, digest=about.get("digest"), signer=about.get("signer"),
+                                   trust="trusted" if about.get("signer") else "unknown (upstream)", resident=None,
+                                   system_prompt=state.system_prompts.get(card.id), path=card.root))
+        else:
+            rows.append(adapter_row(state, card.id, a, paths))
+    return rows
+
+
+def adapter_row(state, name: str, a, paths: bool) -> AdapterRow:
     from plural.share.signing import SIGNATURE
     from plural.store.adapters import read_manifest
 
-    state = request.app.state.server
-    paths = _is_admin(request)
-    rows = []
-    if t.allows(state.base_id):
-        rows.append(AdapterRow(id=state.base_id, base=state.base_id, trust="base model",
-                               system_prompt=state.system_prompts.get(state.base_id),
-                               path=str(state.base_path) if paths else None))
-    for name, a in list(state.engine.adapters.items()):
-        if not t.allows(name):
-            continue
-        about = state.adapter_info.get(name) or {}
-        problems = []
-        try:
-            man = read_manifest(a.path)
-        except PluralError as e:
-            man, problems = {}, [str(e)]
-        if not man and not problems:
-            problems.append("no plural.json manifest (an adapter made outside plural)")
-        base = man.get("base") if isinstance(man.get("base"), dict) else {}
-        signer = about.get("signer")
-        trust = "trusted" if signer else ("signed, not verified" if (Path(a.path) / SIGNATURE).is_file() else "unsigned")
-        rows.append(AdapterRow(
-            id=name, base=base.get("name"), method=man.get("method"),
-            data=[d for d in man.get("data") or [] if isinstance(d, dict)],
-            created=man.get("created"), metrics=man.get("metrics") if isinstance(man.get("metrics"), dict) else {},
-            size=R.folder_bytes(Path(a.path)), rank=a.rank, resident=a.resident, running=a.users,
-            digest=about.get("digest"), signer=signer, trust=trust, system_prompt=state.system_prompts.get(name),
-            path=str(a.path) if paths else None, problems=problems))
-    return rows
+    about = state.adapter_info.get(name) or {}
+    problems = []
+    try:
+        man = read_manifest(a.path)
+    except PluralError as e:
+        man, problems = {}, [str(e)]
+    if not man and not problems:
+        problems.append("no plural.json manifest (an adapter made outside plural)")
+    base = man.get("base") if isinstance(man.get("base"), dict) else {}
+    signer = about.get("signer")
+    trust = "trusted" if signer else ("signed, not verified" if (Path(a.path) / SIGNATURE).is_file() else "unsigned")
+    return AdapterRow(
+        id=name, base=base.get("name"), method=man.get("method"),
+        data=[d for d in man.get("data") or [] if isinstance(d, dict)],
+        created=man.get("created"), metrics=man.get("metrics") if isinstance(man.get("metrics"), dict) else {},
+        size=R.folder_bytes(Path(a.path)), rank=a.rank, resident=a.resident, running=a.users,
+        digest=about.get("digest"), signer=signer, trust=trust, system_prompt=state.system_prompts.get(name),
+        path=str(a.path) if paths else None, problems=problems)
 
 
 # ----------------------------------------------------------------------------- runs and reports

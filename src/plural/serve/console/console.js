@@ -335,7 +335,7 @@ async function showAdapters() {
       el("div", {}, k + " = " + (typeof v === "number" ? fmtNum(v) : short(JSON.stringify(v), 40)))) : "–"),
     el("td", {class: "num"}, r.size === null ? "–" : fmtBytes(r.size)),
     el("td", {class: "num"}, r.rank === null ? "–" : r.rank),
-    el("td", {class: "resident"}, r.trust === "base model" ? "always" : (r.resident ? "yes" : "no") + (r.running ? " (" + r.running + " running)" : "")),
+    el("td", {class: "resident"}, r.trust === "base model" ? "always" : r.resident === null ? "–" : (r.resident ? "yes" : "no") + (r.running ? " (" + r.running + " running)" : "")),
     el("td", {class: "trust " + r.trust.replace(/[^a-z]+/g, "-")}, r.signer ? r.signer + " (" + r.trust + ")" : r.trust, r.digest ? el("div", {class: "mono meta", title: r.digest}, short(r.digest, 19)) : null),
     el("td", {}, r.system_prompt ? el("details", {}, el("summary", {}, short(r.system_prompt, 30)), el("pre", {}, r.system_prompt)) : "–",
       problemList(r.problems)),
