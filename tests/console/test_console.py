@@ -186,9 +186,13 @@ def test_reload_keeps_view_and_settings(watched, console_server):
     page.fill("#max-tokens", "3")
     page.click("#run")
     page.wait_for_selector("#compare-status:text('done')", timeout=30_000)
-    page.reload()  # the key and the compare settings live in this tab's sessionStorage
+    answers = [c.inner_text() for c in page.query_selector_all(".answer")]
+    page.reload()  # the key, the compare settings and the last answers live in this tab's sessionStorage
     page.wait_for_selector("#who-text:not(:empty)")
     assert page.input_value("#prompt") == "Kept across a reload?"
+    page.wait_for_selector(".answer")
+    assert [c.inner_text() for c in page.query_selector_all(".answer")] == answers
+    assert "last comparison" in page.inner_text("#compare-status")
     assert [b.get_attribute("value") for b in page.query_selector_all("#variants input:checked")] == ["acme-support", "beta-legal"]
     page.goto(console_server.url + "/console#/runs/legal-dpo")
     page.reload()

@@ -183,7 +183,22 @@ function fillVariants() {
   if (saved.prompt) $("prompt").value = saved.prompt;
 }
 
+const LAST = "plural.console.last";  // the last comparison's answers: a reload shows them again
+
 async function showCompare() {
+  const last = JSON.parse(sessionStorage.getItem(LAST) || "null");
+  if (last && !$("columns").children.length) {
+    // only the models this key still sees
+    const cols = makeColumns(last.columns.filter(c => models.some(m => m.id === c.id)).map(c => c.id), last.systems);
+    cols.forEach(c => {
+      const was = last.columns.find(x => x.id === c.id);
+      Object.assign(c, {text: was.text, done: was.done});
+      c.answer.textContent = was.text;
+      c.stats.textContent = was.stats;
+    });
+    highlight(cols);
+    $("compare-status").textContent = "last comparison (" + last.when + ")";
+  }
   const sel = $("suite-prompt");
   if (sel.options.length > 1 || !me.runs) return;
   const prompts = await api("/console/api/prompts");
@@ -193,6 +208,22 @@ async function showCompare() {
 function systemPrompts() {
   // The adapters endpoint carries each model's system prompt (value profile), tenant-filtered.
   return api("/console/api/adapters").then(rows => Object.fromEntries(rows.map(r => [r.id, r.system_prompt])));
+}
+
+function makeColumns(ids, systems) {
+  const cols = $("columns");
+  cols.replaceChildren();
+  return ids.map(id => {
+    const answer = el("div", {class: "answer", "data-model": id});
+    const stats = el("div", {class: "stats"}, "waiting…");
+    const sys = systems[id];
+    cols.append(el("div", {class: "column", "data-model": id},
+      el("h3", {}, id),
+      sys ? el("details", {class: "system", open: true}, el("summary", {}, "system prompt (value profile)"), el("pre", {}, sys))
+          : el("div", {class: "meta"}, "no system prompt"),
+      answer, stats));
+    return {id, answer, stats, text: "", done: false};
+  });
 }
 
 async function compare() {
@@ -206,25 +237,15 @@ async function compare() {
   sessionStorage.setItem(SETTINGS, JSON.stringify(Object.assign({variants: ids, prompt}, sampling)));
   const run = ++compareRun;
   const systems = await systemPrompts();
-  const cols = $("columns");
-  cols.replaceChildren();
-  const columns = ids.map(id => {
-    const answer = el("div", {class: "answer", "data-model": id});
-    const stats = el("div", {class: "stats"}, "waiting…");
-    const sys = systems[id];
-    cols.append(el("div", {class: "column", "data-model": id},
-      el("h3", {}, id),
-      sys ? el("details", {class: "system", open: true}, el("summary", {}, "system prompt (value profile)"), el("pre", {}, sys))
-          : el("div", {class: "meta"}, "no system prompt"),
-      answer, stats));
-    return {id, answer, stats, text: "", done: false};
-  });
+  const columns = makeColumns(ids, systems);
   $("compare-status").textContent = "streaming…";
   $("run").disabled = true;
   await Promise.all(columns.map(c => streamColumn(c, prompt, sampling, run)));
   if (run !== compareRun) return;
   $("run").disabled = false;
   $("compare-status").textContent = "done";
+  sessionStorage.setItem(LAST, JSON.stringify({when: new Date().toISOString().slice(0, 19) + "Z", systems,
+    columns: columns.map(c => ({id: c.id, text: c.text, done: c.done, stats: c.stats.textContent}))}));
   highlight(columns);
 }
 
