@@ -23,8 +23,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, settings: dict, args: list[str] = ()):
-        self.port = free_port()
+    def __init__(self, tmp: Path, settings: dict, args: list[str] = (), port: int | None = None):
+        self.port = port or free_port()  # a fixed port: a server restarted where its clients expect it
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = tmp / "serve.yaml"
         cfg.write_text(yaml.safe_dump(settings))

@@ -47,6 +47,10 @@ def serve(
     runner: Optional[str] = typer.Option(None, "--runner", help="auto | fused | generic (auto: fused for Llama, Mistral, Qwen2/3, Gemma 2; generic otherwise)."),
     require_signed: Optional[str] = typer.Option(None, "--require-signed", help="TRUST.yaml or PUB.pem: refuse adapters without a trusted signature (admin API included)."),
     runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Training runs and eval reports the console (/console) shows."),
+    upstream: List[str] = typer.Option([], "--upstream", help="Front mode: proxy to this OpenAI-compatible server, URL or NAME=URL (repeatable: replicas). No model is loaded here."),
+    model_map: List[str] = typer.Option([], "--model-map", help="Front mode: FRONT_ID=UPSTREAM_ID, the upstream's name for a model id (repeatable)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="plural (default) | vllm: start vLLM's OpenAI server from --vllm-python and front it."),
+    vllm_python: Optional[str] = typer.Option(None, "--vllm-python", help="The python executable of vLLM's own environment (--engine vllm)."),
 ) -> None:
     """Serve the base model and LoRA adapters behind an OpenAI-compatible API (many adapters, one batch)."""
     import uvicorn
@@ -59,9 +63,12 @@ def serve(
         config, model=model, adapters=_pairs(adapter, "--adapter", "PATH"), host=host, port=port, dtype=dtype, quantize=quantize,
         max_model_len=max_model_len, max_batch=max_batch, log_level=log_level, runner=runner, require_signed=require_signed, runs_dir=runs_dir,
         system_prompts=profile_prompts(_pairs(profile, "--profile", "PROFILE.yaml")),
+        upstream=upstream, model_map=_pairs(model_map, "--model-map", "UPSTREAM_ID"), engine=engine, vllm_python=vllm_python,
     )
     settings.check_binding()
     setup_logging(settings.log_level)
+    if settings.front:
+        return _serve_front(settings)
     # Only the engine thread should run parallel torch work. With libgomp, once the main thread has
     # opened a multi-threaded OpenMP team (loading the model does), another thread's parallel
     # regions run about 1.4x slower (measured on SmolLM2 decode steps, 2 cores). So the main thread
@@ -83,3 +90,19 @@ def serve(
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
+
+
+def _serve_front(settings) -> None:
+    """Front mode: no torch threads to arrange, no model; the upstreams are checked as it starts."""
+    import uvicorn
+
+    from plural.serve.app import create_app
+    from plural.serve.lifecycle import DrainingServer
+
+    app = create_app(settings)
+    ups = app.state.server.upstream
+    what = (f"vLLM ({app.state.server.base_id} + {len(ups.engine.adapters)} adapter(s))" if ups.engine
+            else ", ".join(r.name for r in ups.replicas))
+    err.print(f"[green]serving[/] front for {what} on http://{settings.host}:{settings.port}/v1", highlight=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.server, settings.shutdown_timeout).run()

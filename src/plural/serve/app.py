@@ -40,6 +40,10 @@ def pick_dtype(name: str, device):
 
 
 def build_state(settings: ServeSettings) -> ServerState:
+    if settings.front:  # upstream engines answer; no model in this process (serve/upstream.py)
+        from plural.serve.upstream import front_state
+
+        return front_state(settings)
     import torch
 
     from plural.store.models import load_model
@@ -96,6 +100,12 @@ def build_state(settings: ServeSettings) -> ServerState:
 def create_app(settings: ServeSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if app.state.server.upstream is not None:  # front mode: health checks, then a managed engine's stop
+            await app.state.server.upstream.start()
+            yield
+            app.state.server.stopping = True
+            await app.state.server.upstream.stop()
+            return
         app.state.server.engine.start()
         yield
         # The drain (serve.lifecycle) has let in-flight requests finish, or cancelled them at its

@@ -56,10 +56,15 @@ class DrainingServer(uvicorn.Server):
     def _drain(self) -> None:
         s = self.state
         s.stopping = True
-        log.info("shutting down: %d running, %d waiting; draining for up to %g s (shutdown_timeout)",
-                 s.engine.running(), s.engine.queue_depth(), self.shutdown_timeout)
-        s.engine.stop(drain_seconds=self.shutdown_timeout)  # at the deadline it cancels what is left
-        deadline = time.monotonic() + 10  # the responses still writing their last events
+        if s.engine is None:  # front mode: the upstreams run the requests; wait for the relays to end
+            log.info("shutting down: %d requests open; draining for up to %g s (shutdown_timeout)",
+                     s.in_flight, self.shutdown_timeout)
+            deadline = time.monotonic() + self.shutdown_timeout
+        else:
+            log.info("shutting down: %d running, %d waiting; draining for up to %g s (shutdown_timeout)",
+                     s.engine.running(), s.engine.queue_depth(), self.shutdown_timeout)
+            s.engine.stop(drain_seconds=self.shutdown_timeout)  # at the deadline it cancels what is left
+            deadline = time.monotonic() + 10  # the responses still writing their last events
         while s.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
         log.info("drained; exiting")

@@ -94,6 +94,8 @@ async def respond(request: Request, job, make, stream_fn, req) -> Response:
 @router.post("/v1/chat/completions", response_model=P.ChatCompletion)
 async def chat_completions(req: P.ChatCompletionRequest, request: Request, t: Tenant = Depends(tenant)):
     state = request.app.state.server
+    if state.upstream is not None:  # front mode: an upstream engine answers
+        return await state.upstream.proxy(request, t, "/v1/chat/completions", state.system_prompts)
     check_model(state, t, req.model, request)
     serving = state.serving
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
@@ -110,6 +112,8 @@ async def chat_completions(req: P.ChatCompletionRequest, request: Request, t: Te
 @router.post("/v1/completions", response_model=P.Completion)
 async def completions(req: P.CompletionRequest, request: Request, t: Tenant = Depends(tenant)):
     state = request.app.state.server
+    if state.upstream is not None:  # front mode: an upstream engine answers
+        return await state.upstream.proxy(request, t, "/v1/completions", state.system_prompts)
     check_model(state, t, req.model, request)
     serving = state.serving
     if req.echo and req.logprobs is not None:
@@ -126,6 +130,8 @@ async def completions(req: P.CompletionRequest, request: Request, t: Tenant = De
 @router.post("/v1/embeddings", response_model=P.EmbeddingList)
 async def embeddings(req: P.EmbeddingRequest, request: Request, t: Tenant = Depends(tenant)):
     state = request.app.state.server
+    if state.upstream is not None:  # front mode: an upstream engine answers
+        return await state.upstream.proxy(request, t, "/v1/embeddings", state.system_prompts)
     check_model(state, t, req.model, request)
     inputs = await asyncio.to_thread(state.serving.embedding_inputs, req)
     vectors = await state.serving.embed(req.model, inputs)
@@ -145,6 +151,8 @@ async def embeddings(req: P.EmbeddingRequest, request: Request, t: Tenant = Depe
 @router.get("/v1/models", response_model=P.ModelList, response_model_exclude_none=True)
 async def list_models(request: Request, t: Tenant = Depends(tenant)):
     state = request.app.state.server
+    if state.upstream is not None:
+        return P.ModelList(data=[c for c in state.upstream.cards(state.created) if t.allows(c.id)])
     # Server paths are the operator's business: only the admin key sees where each model lives.
     paths = state.keys.is_admin(bearer(request.headers.get("authorization")))
     cards = [P.ModelCard(id=state.base_id, created=state.created, owned_by="plural",
@@ -169,6 +177,9 @@ async def health(request: Request):
     eng = request.app.state.server.engine
     if request.app.state.server.stopping:
         return JSONResponse({"status": "stopping"}, status_code=503)
+    if eng is None:  # front mode: which upstreams answer
+        body, code = request.app.state.server.upstream.health()
+        return JSONResponse(body, status_code=code)
     return {"status": "ok", "running": eng.running(), "waiting": eng.queue_depth(),
             "runner": eng.runner.kind, "family": eng.runner.family, "dtype": str(eng.dtype).removeprefix("torch.")}
 
@@ -190,6 +201,8 @@ async def engine_call(state, fn):
 
 @router.get("/admin/adapters", response_model=list[P.AdapterInfo], dependencies=[Depends(admin)])
 async def admin_list(request: Request):
+    if request.app.state.server.upstream is not None:
+        return await request.app.state.server.upstream.admin_list()
     return [P.AdapterInfo(name=a.name, path=str(a.path), rank=a.rank, resident=a.resident,
                           running=a.users) for a in request.app.state.server.engine.adapters.values()]
 
@@ -197,6 +210,8 @@ async def admin_list(request: Request):
 @router.post("/admin/adapters", response_model=P.AdapterInfo, dependencies=[Depends(admin)])
 async def admin_load(body: P.LoadAdapterRequest, request: Request):
     state = request.app.state.server
+    if state.upstream is not None:  # --engine vllm: export it, then vLLM's /v1/load_lora_adapter
+        return await state.upstream.admin_load(body.name, body.path)
     if body.name == state.base_id:
         raise APIError(400, f"name: {body.name!r} is the base model's id", param="name")
     try:
@@ -214,6 +229,8 @@ async def admin_load(body: P.LoadAdapterRequest, request: Request):
 @router.delete("/admin/adapters/{name:path}", dependencies=[Depends(admin)])
 async def admin_unload(name: str, request: Request):
     state = request.app.state.server
+    if state.upstream is not None:
+        return await state.upstream.admin_unload(name)
     if name not in state.engine.adapters:
         raise APIError(404, f"no adapter {name!r} is loaded", param="name", code="model_not_found")
     await engine_call(state, lambda: state.engine.remove_adapter(name))

@@ -86,6 +86,45 @@ class ServeSettings(Strict):
     # when the server has keys.
     runs_dir: Annotated[str, PathField()] | None = None
 
+    # Front mode (serve/upstream.py): no model is loaded here; chat and completions go to these
+    # OpenAI-compatible servers (vLLM, SGLang, llama.cpp's server, another plural serve), each
+    # "URL" or "NAME=URL" (the name is what /health shows; the address is never shown to clients).
+    upstream: list[str] = []
+    upstream_key: str | None = None  # the bearer key the upstreams expect, if any
+    # front model id -> the upstream's name for it (ids not listed keep the upstream's name)
+    model_map: dict[str, str] = {}
+    upstream_max_in_flight: int = Field(64, ge=1)  # requests per replica before the front answers 429
+    health_interval: float = Field(2.0, gt=0)  # seconds between upstream health checks
+    # vllm: start vLLM's OpenAI server from `vllm_python` (its own environment) on the HF export of
+    # `model` with `adapters` as LoRA modules, and front it (serve/vllm.py)
+    engine: Literal["plural", "vllm"] = "plural"
+    vllm_python: Annotated[str, PathField()] | None = None
+    vllm_args: list[str] = []  # extra vLLM flags, e.g. [--gpu-memory-utilization, "0.85"]
+    vllm_start_timeout: float = Field(900.0, gt=0)  # seconds for vLLM to load and answer /health
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstreams(cls, v: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        names = set()
+        for i, item in enumerate(v):
+            name, sep, url = item.partition("=")
+            if not sep or "://" in name:
+                name, url = f"upstream-{i + 1}", item
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{item!r}: expected URL or NAME=URL with an http(s) URL, e.g. http://10.0.0.5:8000")
+            if name in names:
+                raise ValueError(f"upstream name {name!r} is used twice")
+            names.add(name)
+        return v
+
+    @property
+    def front(self) -> bool:
+        """A front server: requests go to upstream engines, no model is loaded in this process."""
+        return bool(self.upstream) or self.engine == "vllm"
+
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:

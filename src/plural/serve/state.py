@@ -22,7 +22,7 @@ class ServerState:
     base_id: str
     base_path: Path
     created: int
-    engine: Engine
+    engine: Engine | None  # None in front mode (upstream engines answer)
     system_prompts: dict[str, str]
     # (model id, path or store name, confined to the allowed folders?) -> a checked Adapter
     register_adapter: Callable[[str, str, bool], Adapter]
@@ -32,3 +32,4 @@ class ServerState:
     serving: Any = None  # serving.Serving, made last (it needs the rest)
     stopping: bool = False  # set when a shutdown drain starts: new requests get 503 shutting_down
     in_flight: int = 0  # HTTP requests being answered (counted by the Guard middleware)
+    upstream: Any = None  # upstream.Upstreams in front mode (--upstream / --engine vllm), else None
