@@ -90,8 +90,9 @@ def llama(model_path: Path, lora: Path | None = None):
 
     llama_cpp.llama_cpp.llama_model_default_params = no_repack
     try:
+        # f32 KV cache (llama.cpp's default is f16) so that only the weights differ from plural's fp32
         return llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=1024,
-                               n_threads=os.cpu_count(), verbose=False)
+                               n_threads=os.cpu_count(), verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     finally:
         llama_cpp.llama_cpp.llama_model_default_params = defaults
 
@@ -196,7 +197,8 @@ def main() -> None:
         "",
         f"Adapter: {'`' + str(args.adapter) + '`' if args.adapter else 'random-B LoRA, r=8, all linear layers (as serve_bench makes them)'} "
         f"on SmolLM2-135M-Instruct. {n} held-out questions of the demo (examples/support/eval.jsonl), greedy, "
-        f"at most {NEW_TOKENS} new tokens, stopping at the end-of-turn token, the same prompt token ids for every engine. "
+        f"at most {NEW_TOKENS} new tokens, stopping at the end-of-turn token, the same prompt token ids for every engine, "
+        f"llama.cpp with an f32 KV cache. "
         f"Reference: plural (transformers + PEFT, fp32). Exporting all {len(files)} files took {export_s:.0f} s.",
         "",
         "| llama.cpp on | file size | questions with identical tokens | answer agreeing before the first difference |",

@@ -74,6 +74,7 @@ def test_base_model_gguf_metadata(families, tmp_path):
     assert f["general.architecture"] == "qwen2" and f["general.type"] == "model"
     assert f["qwen2.block_count"] == 2 and f["qwen2.attention.head_count_kv"] == 2
     assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.eos_token_id"] == 2
+    assert f["tokenizer.ggml.pre"] == "gpt-2"  # llama.cpp's name; it refuses to load "gpt2" (an unknown pre-tokenizer)
     assert f["plural.base.fingerprint"] == get_model(families["qwen2"]).fingerprint and f["plural.method"] == "base"
     names = {t.name for t in r.tensors}
     assert "output.weight" in names and "blk.0.attn_q.bias" in names  # untied head, Qwen2's q/k/v biases

@@ -43,7 +43,7 @@ def pre_tokenizer(tokenizer_json: dict[str, Any], where: Path) -> str:
     steps = pt.get("pretokenizers", [pt]) if pt.get("type") == "Sequence" else [pt]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp spells the pre-tokenizer with a hyphen (its tokenizer model is "gpt2")
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # SmolLM's own tokenizer: digits one by one, then GPT-2's split
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
