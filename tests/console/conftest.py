@@ -82,6 +82,23 @@ def console_home(store: Path, root: Path, stored: Path) -> Path:
     return home
 
 
+def sign(adapter: Path, home: Path) -> None:
+    """A real OpenSSF Model Signing signature (plural adapters sign), with a key made in a home of its own."""
+    from plural.share.keys import new_key
+    from plural.share.signing import sign_adapter
+
+    old = os.environ.get("PLURAL_HOME")
+    os.environ["PLURAL_HOME"] = str(home)
+    try:
+        new_key("beta-release")
+        sign_adapter(adapter, "beta-release")
+    finally:
+        if old is None:
+            os.environ.pop("PLURAL_HOME", None)
+        else:
+            os.environ["PLURAL_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def console_server(store, tmp_path_factory):
     fx = _serve_fixtures()
@@ -89,6 +106,7 @@ def console_server(store, tmp_path_factory):
     a = fx.make_adapter("tiny", root / "adapters" / "acme-support", seed=1, **fx.ADAPTER_SPECS["qv4"])
     b = fx.make_adapter("tiny", root / "adapters" / "beta-legal", seed=2, **fx.ADAPTER_SPECS["rs2"])
     describe(a, root / "data" / "acme-train.jsonl")
+    sign(b, root / "signer-home")
     runs = write_runs(root / "runs")  # found as ./runs of the console's working directory
     settings = {
         "model": "tiny", "adapters": {"acme-support": str(a), "beta-legal": str(b)}, "adapter_dirs": [str(root / "adapters")],

@@ -75,6 +75,8 @@ def test_adapters_table_lists_what_v1_models_lists(watched, console_server, key)
         data = api(console_server, "/console/api/adapters", key).json()[1]["data"][0]
         assert data["sha256"][:19] in row
         assert "unsigned" in row and "KiB" in row  # trust and size on disk
+        # signed (plural adapters sign), but this server does not check signatures (no --require-signed)
+        assert "signed, not verified" in page.inner_text("#adapters-table tr[data-model='beta-legal']")
         assert SYSTEM_ACME[:20] in row
         assert page.is_visible("#load-form")  # load/unload for the admin key
         watched.shot("adapters")
