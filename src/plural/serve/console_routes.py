@@ -157,6 +157,8 @@ def adapter_row(state, name: str, a, paths: bool) -> AdapterRow:
 
 
 # ----------------------------------------------------------------------------- runs and reports
+# Plain `def` handlers: FastAPI runs them on its thread pool, so reading a long log or walking the
+# runs folder never holds up the event loop that streams tokens.
 
 
 def _root(request: Request) -> Path | None:
@@ -177,7 +179,7 @@ class ReportList(BaseModel):
 
 
 @console_router.get("/console/api/runs", response_model=RunList, dependencies=[Depends(runs_access)])
-async def runs(request: Request):
+def runs(request: Request):
     root = _root(request)
     found = R.find_runs(root) if root else []
     return RunList(runs_dir=request.app.state.server.settings.runs_dir, exists=root is not None,
@@ -185,7 +187,7 @@ async def runs(request: Request):
 
 
 @console_router.get("/console/api/runs/{run_id:path}", response_model=R.RunDetail, dependencies=[Depends(runs_access)])
-async def run(run_id: str, request: Request):
+def run(run_id: str, request: Request):
     root = _root(request)
     d = R.lookup(root, run_id, R.find_runs(root)) if root else None
     if d is None:
@@ -194,7 +196,7 @@ async def run(run_id: str, request: Request):
 
 
 @console_router.get("/console/api/reports", response_model=ReportList, dependencies=[Depends(runs_access)])
-async def reports(request: Request):
+def reports(request: Request):
     root = _root(request)
     found = R.find_reports(root) if root else []
     return ReportList(runs_dir=request.app.state.server.settings.runs_dir, exists=root is not None,
@@ -210,7 +212,7 @@ def _report_dir(request: Request, report_id: str) -> Path:
 
 
 @console_router.get("/console/api/report-html/{report_id:path}", dependencies=[Depends(runs_access)])
-async def report_html(report_id: str, request: Request):
+def report_html(report_id: str, request: Request):
     p = _report_dir(request, report_id) / R.REPORT_HTML
     if not p.is_file():
         raise APIError(404, f"report {report_id!r} has no {R.REPORT_HTML}", type="not_found_error")
@@ -219,7 +221,7 @@ async def report_html(report_id: str, request: Request):
 
 
 @console_router.get("/console/api/prompts", response_model=list[R.Prompt])
-async def prompts(request: Request, t: Tenant = Depends(tenant)):
+def prompts(request: Request, t: Tenant = Depends(tenant)):
     """Prompts from the eval reports' suites (for those who may see reports; else none)."""
     root = _root(request)
     if root is None or not _may_see_runs(request):
