@@ -110,7 +110,9 @@ class VLLM:
     def _exports(self) -> Path:
         from plural.store.paths import plural_home
 
-        return plural_home() / "exports" / "vllm"
+        out = plural_home() / "exports" / "vllm"
+        (out / "adapters").mkdir(parents=True, exist_ok=True)
+        return out
 
     def _export_base(self, src) -> Path:
         from plural.export.hf import PROVENANCE, export_hf_merged
@@ -147,10 +149,9 @@ class VLLM:
             cmd += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
         if self.adapters:
             cmd += ["--lora-modules", *(f"{a.name}={a.export}" for a in self.adapters.values())]
-        if "max_model_len" in s.model_fields_set and s.max_model_len:
+        if s.max_model_len:
             cmd += ["--max-model-len", str(s.max_model_len)]
-        if "max_batch" in s.model_fields_set:
-            cmd += ["--max-num-seqs", str(s.max_batch)]
+        # max_batch is not passed: vLLM's own --max-num-seqs default suits a GPU; set it in vllm_args.
         if s.dtype != "auto":
             cmd += ["--dtype", s.dtype]
         return cmd + list(s.vllm_args)
