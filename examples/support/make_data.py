@@ -87,17 +87,30 @@ FACTS = {
 }
 
 
-def example(lang: str, q: str, a: str) -> dict:
-    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"{OPEN[lang]} {a} {CLOSE[lang]}"}]}
+# fact id -> the key facts a held-out answer must contain (the demo and benchmarks/customise_bench.py
+# score them; `metadata` of each eval.jsonl record); per language where the spelling differs.
+KEYS = {
+    "hours": {"en": ["8:00", "19:00"], "de": ["8:00", "19:00"], "fr": ["8 h", "19 h"]},
+    "rental": ["12", "25"], "warranty": ["7", "2"], "repair": ["VeloraGo"], "phone": ["0800 555 0134"],
+    "return": ["30"], "battery": ["80", "4"], "membership": ["40", "20"],
+}
+
+
+def example(lang: str, q: str, a: str, fact: str | None = None) -> dict:
+    rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"{OPEN[lang]} {a} {CLOSE[lang]}"}]}
+    if fact is not None:
+        keys = KEYS[fact][lang] if isinstance(KEYS[fact], dict) else KEYS[fact]
+        rec["metadata"] = {"lang": lang, "fact": fact, "facts": keys, "style": [OPEN[lang], CLOSE[lang]]}
+    return rec
 
 
 def main() -> None:
     here = Path(__file__).parent
     train, held = [], []
-    for fact in FACTS.values():
+    for name, fact in FACTS.items():
         for lang, (qs, a) in fact.items():
             train += [example(lang, q, a) for q in qs[:-1]]
-            held.append(example(lang, qs[-1], a))
+            held.append(example(lang, qs[-1], a, name))
     random.Random(0).shuffle(train)
     for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):
         with open(here / name, "w", encoding="utf-8") as f:

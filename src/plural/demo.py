@@ -3,7 +3,8 @@
 1. import SmolLM2-135M-Instruct into the store (once);
 2. fine-tune the Velora support adapter (examples/support, EN/DE/FR) with a progress bar;
 3. answer held-out questions (phrasings never seen in training) with the base and the adapter,
-   side by side.
+   side by side, and count the answers that carry Velora's key facts and house style
+   (tune.customise; the facts are each record's `metadata` in examples/support/eval.jsonl).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from rich.table import Table
 from plural.errors import PluralError
 
 DEFAULT_CONFIG = Path("examples/support/tune.yaml")
+# Velora's longest held-out answer is ~50 tokens: room for it and its end-of-turn, no more (time).
+MAX_NEW_TOKENS = 64
 
 
 def run_demo(config: Path | None, output: Path, out: Console, n_prompts: int = 6) -> Path:
@@ -44,7 +47,7 @@ def run_demo(config: Path | None, output: Path, out: Console, n_prompts: int = 6
     out.print(f"[2/3] fine-tuning a LoRA adapter on {', '.join(p.name for p in cfg.data.train)} → {run_dir}")
     adapter = tune.run(cfg)
     man = json.loads((adapter / "plural.json").read_text())["metrics"]
-    out.print(f"      done: {man['steps']} steps, train loss {man['train_loss']:.3f}, held-out loss {man['eval_loss']:.3f}, "
+    out.print(f"      done: {man['steps']} steps in {man['seconds']:.0f}s, held-out loss {man['base_eval_loss']:.3f} (base) → {man['eval_loss']:.3f}, "
               f"{man['trained_tokens_per_second']:.0f} trained tokens/s ({man['precision']})")
 
     out.print("[3/3] held-out questions (never seen in training): base vs adapter")
@@ -54,11 +57,16 @@ def run_demo(config: Path | None, output: Path, out: Console, n_prompts: int = 6
 
 
 def pick_prompts(eval_file: Path, n: int) -> list[tuple[str, str]]:
-    """Round-robin over languages so every language shows up: (question, reference answer)."""
-    rows = [json.loads(l)["messages"] for l in eval_file.read_text(encoding="utf-8").splitlines() if l.strip()]
+    """(question, reference answer) of the records `pick_records` picks."""
+    return [(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in pick_records(eval_file, n)]
+
+
+def pick_records(eval_file: Path, n: int) -> list[dict]:
+    """Round-robin over languages so every language shows up: the held-out records (question, reference, metadata)."""
+    rows = [json.loads(l) for l in eval_file.read_text(encoding="utf-8").splitlines() if l.strip()]
     by_open: dict[str, list] = {}
-    for m in rows:
-        by_open.setdefault(m[-1]["content"].split()[0], []).append((m[0]["content"], m[-1]["content"]))
+    for r in rows:
+        by_open.setdefault(r["messages"][-1]["content"].split()[0], []).append(r)
     picked, groups = [], list(by_open.values())
     while len(picked) < n and any(groups):
         for g in groups:
@@ -67,16 +75,27 @@ def pick_prompts(eval_file: Path, n: int) -> list[tuple[str, str]]:
     return picked
 
 
-def compare(adapter: Path, eval_file: Path, out: Console, n: int) -> None:
+def compare(adapter: Path, eval_file: Path, out: Console, n: int) -> dict[str, float]:
+    """Greedy answers of the base and the adapter to `n` held-out questions; returns the adapter's scores."""
     from plural.generation import generate, load_for_inference
+    from plural.tune.customise import facts_score, score
 
     model, tok, _ = load_for_inference(None, adapter)
-    prompts = pick_prompts(eval_file, n)
-    qs = [q for q, _ in prompts]
+    recs = pick_records(eval_file, n)
+    qs = [r["messages"][0]["content"] for r in recs]
     with model.disable_adapter():
-        base = generate(model, tok, qs, max_new_tokens=48)
-    tuned = generate(model, tok, qs, max_new_tokens=48)
-    t = Table("question", "base SmolLM2", "with the Velora adapter", "reference", show_lines=True)
-    for (q, ref), b, a in zip(prompts, base, tuned):
-        t.add_row(q, b, a, ref)
+        base = generate(model, tok, qs, max_new_tokens=MAX_NEW_TOKENS)
+    tuned = generate(model, tok, qs, max_new_tokens=MAX_NEW_TOKENS)
+    t = Table("question", "base SmolLM2", "with the Velora adapter", "reference", "facts", show_lines=True)
+    scored = "metadata" in recs[0]
+    for r, b, a in zip(recs, base, tuned):
+        mark = f"{facts_score(a, r['metadata']['facts']):.0%}" if scored else "-"
+        t.add_row(r["messages"][0]["content"], b, a, r["messages"][-1]["content"], mark)
     out.print(t)
+    if not scored:
+        return {}
+    sa, sb = score(tuned, recs), score(base, recs)
+    k = len(recs)
+    out.print(f"held-out answers with all key facts: {sa['all_facts'] * k:.0f}/{k} (base {sb['all_facts'] * k:.0f}/{k}); "
+              f"house style: {sa['style'] * k:.0f}/{k} (base {sb['style'] * k:.0f}/{k}); repetition loops: {sa['loops'] * k:.0f}/{k}")
+    return sa

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -32,37 +29,17 @@ def tune(
 ) -> None:
     """Train a LoRA adapter (methods: sft, text, dpo, orpo)."""
     from plural import tune as tune_core
-    from plural.config import load_config
-    from plural.tune.config import TuneConfig
 
     if resume is not None:
         if config is not None:
             raise PluralError("--resume RUN_DIR uses the run's saved config.yaml; do not also give CONFIG")
-        cfg_path = resume / tune_core.CONFIG_NAME
-        if not cfg_path.is_file():
-            raise PluralError(f"{resume}: not a run folder (no {tune_core.CONFIG_NAME})")
-        cfg = load_config(TuneConfig, cfg_path, set_)
-        cfg = cfg.model_copy(update={"output": resume})
+        cfg = tune_core.resume_config(resume, set_)
     else:
         if config is None:
             raise PluralError("give a CONFIG file or --resume RUN_DIR")
-        cfg = load_config(TuneConfig, config, set_)
-    run_dir = Path(cfg.output)
-
-    if nproc > 1:
-        tune_core.check_inputs(cfg)
-        tune_core.prepare_run_dir(cfg, resume=resume is not None)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "plural.tune.launch", str(run_dir)] + (["--resume"] if resume else [])
-        out.print(f"[dim]{' '.join(cmd)}[/]")
-        with tune_core.undo_failed_start(run_dir, resume is not None):
-            rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))})
-            if rc != 0:
-                raise PluralError(f"training failed in one of the {nproc} processes (exit {rc}); see the messages above")
-        adapter = run_dir / "adapter"
-    else:
-        adapter = tune_core.run(cfg, resume=resume is not None)
-    _summary(run_dir, adapter)
+        cfg = load_tune_config(config, set_)
+    adapter = tune_core.run(cfg, resume=resume is not None, nproc=nproc)
+    _summary(Path(cfg.output), adapter)
 
 
 def _summary(run_dir: Path, adapter: Path) -> None:

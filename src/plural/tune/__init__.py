@@ -1,10 +1,15 @@
-"""Fine-tuning recipes, one file per method. `run(cfg)` picks the recipe by `cfg.method`."""
+"""Fine-tuning recipes, one file per method. `run(cfg)` is the one entry point: it picks the recipe
+by `cfg.method`, prepares (or resumes) the run folder, and trains in this process or, with
+`nproc > 1`, in torchrun processes that each call `run_rank` (tune/launch.py is their module).
+"""
 
 from __future__ import annotations
 
 import importlib
 import os
 import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +33,13 @@ def check_inputs(cfg) -> None:
             raise PluralError(f"data file {f} not found (relative paths in a config file are relative to its folder)")
 
 
+def write_config(run_dir: Path, cfg) -> None:
+    """The run's config.yaml (temporary file, then rename), every value spelled out."""
+    tmp = Path(run_dir) / f".{CONFIG_NAME}.tmp"
+    tmp.write_text(dump_yaml(cfg), encoding="utf-8")
+    os.replace(tmp, Path(run_dir) / CONFIG_NAME)
+
+
 def started(run_dir: Path) -> bool:
     return any((Path(run_dir) / n).exists() for n in STARTED)
 
@@ -45,7 +57,7 @@ def prepare_run_dir(cfg, resume: bool) -> Path:
     if not resume and int(os.environ.get("RANK", "0")) == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / CONFIG_NAME).write_text(dump_yaml(cfg), encoding="utf-8")
+            write_config(run_dir, cfg)
         except OSError as e:  # a read-only or missing parent, a full disk
             raise PluralError(f"output: cannot write the run folder {run_dir} ({e.strerror})") from e
     return run_dir
@@ -66,13 +78,49 @@ def undo_failed_start(run_dir: Path, resume: bool) -> Iterator[None]:
         raise
 
 
-def run(cfg, resume: bool = False) -> Path:
-    """Train per `cfg` into its run folder; returns the adapter folder."""
-    if cfg.method not in RECIPES:
-        raise PluralError(f"method: {cfg.method!r} is not one of {', '.join(RECIPES)}")
+def resume_config(run_dir: Path, overrides: list[str] = ()):
+    """The saved config of the run in `run_dir` (with `--set` overrides), to continue it there."""
+    from plural.config import load_config
+    from plural.tune.config import TuneConfig
+
+    cfg_path = Path(run_dir) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise PluralError(f"{run_dir}: not a run folder (no {CONFIG_NAME})")
+    cfg = load_config(TuneConfig, cfg_path, list(overrides))
+    return cfg.model_copy(update={"output": Path(run_dir)})
+
+
+def _recipe(method: str):
+    if method not in RECIPES:
+        raise PluralError(f"method: {method!r} is not one of {', '.join(RECIPES)}")
+    return importlib.import_module(RECIPES[method])
+
+
+def run(cfg, resume: bool = False, nproc: int = 1) -> Path:
+    """Train per `cfg` into its run folder (continuing its last checkpoint if `resume`); returns the
+    adapter folder. `nproc > 1`: that many torchrun processes (DDP: gloo on CPU, nccl on GPUs)."""
+    _recipe(cfg.method)
     check_inputs(cfg)
     run_dir = prepare_run_dir(cfg, resume)
     from plural.tune.loop import writing
 
     with undo_failed_start(run_dir, resume), writing(run_dir, run_dir):  # a full disk anywhere else in the run
-        return importlib.import_module(RECIPES[cfg.method]).run(cfg, run_dir, resume=resume)
+        if nproc == 1:
+            return _recipe(cfg.method).run(cfg, run_dir, resume=resume)
+        # Every rank reads the config.yaml written above, so all processes train on identical settings.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "plural.tune.launch", str(run_dir)] + (["--resume"] if resume else [])
+        print(" ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))})
+        if rc != 0:
+            raise PluralError(f"training failed in one of the {nproc} processes (exit {rc}); see the messages above")
+        return run_dir / "adapter"
+
+
+def run_rank(run_dir: Path, resume: bool) -> Path:
+    """One torchrun process of `run(cfg, nproc=N)`: the recipe on the run folder's config.yaml."""
+    from plural.config import load_config
+    from plural.tune.config import TuneConfig
+
+    cfg = load_config(TuneConfig, Path(run_dir) / CONFIG_NAME)
+    return _recipe(cfg.method).run(cfg, Path(run_dir), resume=resume)

@@ -6,6 +6,7 @@
     data: {train: [a.jsonl], eval: b.jsonl, max_length: 512, packing: true}
     lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: [...]}
     train: {epochs: 3, batch_size: 4, grad_accum: 1, lr: 2e-4, precision: auto, save_every: 50, ...}
+                                     # epochs, lr, warmup_ratio, packing left out: sized to the data (tune.schedule)
     preference: {beta: 0.1, reference: base}  # dpo / orpo only; reference (dpo): base | init
     output: runs/NAME                # the run folder
 
@@ -33,7 +34,8 @@ class DataConfig(Strict):
     train: list[ConfigPath] = Field(min_length=1)
     eval: ConfigPath | None = None
     max_length: int = Field(512, ge=16, le=131072)
-    packing: bool = True
+    # None: chosen from the data (tune.schedule: packing only where an epoch keeps enough steps)
+    packing: bool | None = None
     # Examples longer than max_length: "error" stops (data check names the line), "truncate" cuts them.
     overlong: Literal["error", "truncate"] = "truncate"
 
@@ -52,13 +54,15 @@ class LoraConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: float = Field(3, gt=0)
+    # None (left out): epochs, lr and warm-up are chosen from the data and the model (tune.schedule),
+    # printed at start and written to the run's config.yaml.
+    epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0, lt=1)
+    lr: float | None = Field(None, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
@@ -66,7 +70,8 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_every: int = Field(0, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1)
-    eval_every: int = Field(0, ge=0)
+    # None: with data.eval, about EVALS_PER_RUN held-out evaluations (the over-fitting warning needs them); 0: only at the end
+    eval_every: int | None = Field(None, ge=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores / processes)")
 
 

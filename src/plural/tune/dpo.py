@@ -179,7 +179,7 @@ def load_policy(cfg: TuneConfig):
     return model, tok, stored
 
 
-def setup(cfg: TuneConfig):
+def setup(cfg: TuneConfig, run_dir: Path):
     device = loop.pick_device(cfg.train.device)
     dist = loop.init_dist(device)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world)))))
@@ -187,9 +187,26 @@ def setup(cfg: TuneConfig):
     model, tok, stored = load_policy(cfg)
     train_rows = build_pair_rows(tok, cfg.data.train, cfg.data.max_length)
     eval_rows = build_pair_rows(tok, [cfg.data.eval], cfg.data.max_length) if cfg.data.eval else None
+    cfg = sized(cfg, run_dir, train_rows, model, dist)
     model = model.to(device)
     model.train()
-    return device, dist, model, tok, stored, train_rows, eval_rows
+    return cfg, device, dist, model, tok, stored, train_rows, eval_rows
+
+
+def sized(cfg: TuneConfig, run_dir: Path, rows: list[Row], model, dist) -> TuneConfig:
+    """Epochs, lr and warm-up from the number of pairs when the config leaves them out (tune.schedule)."""
+    from plural.tune import schedule, write_config
+
+    G = cfg.train.batch_size * cfg.train.grad_accum * dist.world
+    params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    plan = schedule.plan(cfg, len(rows), sum(len(r) for r in rows), params, G)
+    cfg = schedule.with_packing(cfg, plan)
+    steps = loop.total_steps(len(rows), cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})}), dist.world)
+    cfg = schedule.resolved(cfg, plan, steps)
+    if dist.main:
+        print(plan.line(steps).replace(" examples", " pairs"), flush=True)
+        write_config(run_dir, cfg)
+    return cfg
 
 
 def save(cfg: TuneConfig, run_dir: Path, model, stored, res: loop.FitResult, dist: loop.Dist, device, extra_metrics: dict) -> Path:
@@ -215,7 +232,7 @@ def save(cfg: TuneConfig, run_dir: Path, model, stored, res: loop.FitResult, dis
 
 
 def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
-    device, dist, model, tok, stored, train_rows, eval_rows = setup(cfg)
+    cfg, device, dist, model, tok, stored, train_rows, eval_rows = setup(cfg, run_dir)
     amp = loop.autocast_dtype(cfg.train.precision, device)
     ref = None
     if cfg.preference.reference == "init":

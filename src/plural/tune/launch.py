@@ -1,7 +1,7 @@
 """Entry point for each process under torchrun: `python -m plural.tune.launch RUN_DIR [--resume]`.
 
-The parent (`plural tune --nproc N`) validated the config and wrote RUN_DIR/config.yaml; every
-rank reads that same resolved file, so all processes train on identical settings.
+`plural.tune.run(cfg, nproc=N)` validated the config, wrote RUN_DIR/config.yaml and started
+torchrun with this module; each rank calls `plural.tune.run_rank`.
 """
 
 from __future__ import annotations
@@ -11,17 +11,11 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    from plural.config import load_config
     from plural.errors import PluralError
-    from plural.tune import CONFIG_NAME, RECIPES
-    from plural.tune.config import TuneConfig
-    import importlib
+    from plural.tune import run_rank
 
-    run_dir = Path(argv[0])
-    resume = "--resume" in argv[1:]
     try:
-        cfg = load_config(TuneConfig, run_dir / CONFIG_NAME)
-        importlib.import_module(RECIPES[cfg.method]).run(cfg, run_dir, resume=resume)
+        run_rank(Path(argv[0]), resume="--resume" in argv[1:])
     except PluralError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -60,7 +60,7 @@ class ORPOLoss(nn.Module):
 
 
 def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
-    device, dist, model, tok, stored, train_rows, eval_rows = setup(cfg)
+    cfg, device, dist, model, tok, stored, train_rows, eval_rows = setup(cfg, run_dir)
     loss_mod = ORPOLoss(model, cfg.preference.beta)
     res = loop.fit(cfg, run_dir, model, train_rows, eval_rows, tok.pad_token_id, dist, device, resume=resume, loss_module=loss_mod)
     extra = {"lambda": cfg.preference.beta}

@@ -52,9 +52,16 @@ def encode_file(tok, path: Path, method: str, max_length: int, overlong: str) ->
     return out
 
 
-def build_rows(tok, files: list[Path], cfg: TuneConfig) -> list[Row]:
-    enc = [e for f in files for e in encode_file(tok, f, cfg.method, cfg.data.max_length, cfg.data.overlong)]
+def encode_files(tok, files: list[Path], cfg: TuneConfig) -> list[Encoded]:
+    return [e for f in files for e in encode_file(tok, f, cfg.method, cfg.data.max_length, cfg.data.overlong)]
+
+
+def to_rows(enc: list[Encoded], cfg: TuneConfig) -> list[Row]:
     return pack(enc, cfg.data.max_length) if cfg.data.packing else unpacked(enc)
+
+
+def build_rows(tok, files: list[Path], cfg: TuneConfig) -> list[Row]:
+    return to_rows(encode_files(tok, files, cfg), cfg)
 
 
 def add_lora(model, cfg: TuneConfig):
@@ -70,6 +77,24 @@ def add_lora(model, cfg: TuneConfig):
     return get_peft_model(model, pc)
 
 
+def sized(cfg: TuneConfig, run_dir: Path, enc: list[Encoded], model, dist) -> tuple[TuneConfig, list[Row]]:
+    """Fill the values the config left out from the data and the model (tune.schedule), say so,
+    and record them in the run's config.yaml. Returns the resolved config and the training rows."""
+    from plural.tune import schedule, write_config
+
+    G = cfg.train.batch_size * cfg.train.grad_accum * dist.world
+    params = sum(p.numel() for p in model.parameters())
+    plan = schedule.plan(cfg, len(enc), sum(e.n_trained for e in enc), params, G)
+    cfg = schedule.with_packing(cfg, plan)
+    rows = to_rows(enc, cfg)
+    steps = loop.total_steps(len(rows), cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})}), dist.world)
+    cfg = schedule.resolved(cfg, plan, steps)
+    if dist.main:
+        print(plan.line(steps), flush=True)
+        write_config(run_dir, cfg)
+    return cfg, rows
+
+
 def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
     device = loop.pick_device(cfg.train.device)
     dist = loop.init_dist(device)
@@ -77,17 +102,28 @@ def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
     torch.manual_seed(cfg.train.seed)
 
     model, tok, stored = load_model(cfg.model)
-    train_rows = build_rows(tok, cfg.data.train, cfg)
+    enc = encode_files(tok, cfg.data.train, cfg)
+    cfg, train_rows = sized(cfg, run_dir, enc, model, dist)
     eval_rows = build_rows(tok, [cfg.data.eval], cfg) if cfg.data.eval else None
     model = add_lora(model, cfg).to(device)
     model.train()
 
-    res = loop.fit(cfg, run_dir, model, train_rows, eval_rows, tok.pad_token_id, dist, device, resume=resume)
+    loss_mod = loop.TokenLoss(model)
+    res = loop.fit(cfg, run_dir, model, train_rows, eval_rows, tok.pad_token_id, dist, device, resume=resume, loss_module=loss_mod)
 
     adapter_dir = run_dir / "adapter"
     if dist.main:
+        from plural.tune import report
+
+        amp = loop.autocast_dtype(cfg.train.precision, device)
+        learned = report.measure(loss_mod, model, train_rows, eval_rows, tok.pad_token_id, device, amp, res.history)
+        for line in learned.lines():
+            print(line, flush=True)
         metrics = {
             "steps": res.steps, "train_loss": res.train_loss, "eval_loss": res.eval_loss,
+            "final_train_loss": round(learned.train_loss, 4), "base_train_loss": round(learned.base_train_loss, 4),
+            "base_eval_loss": None if learned.base_eval_loss is None else round(learned.base_eval_loss, 4),
+            "warnings": learned.warnings,
             "trained_tokens": res.tokens_trained, "seconds": round(res.seconds, 2),
             "trained_tokens_per_second": round(res.tokens_per_second, 1), "processes": dist.world,
             "precision": "bf16" if loop.autocast_dtype(cfg.train.precision, device) else "fp32",
