@@ -1,0 +1,171 @@
+"""Tool calling: tools in the prompt of a template without tools, calls constrained to the function's
+schema, a round trip with the `openai` client, and streamed tool_calls deltas."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema_rs
+import openai
+import pytest
+
+from plural.serve import protocol as P
+from plural.serve import tools as T
+from spec import check, sse_events
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def request(**kw) -> P.ChatCompletionRequest:
+    return P.ChatCompletionRequest.model_validate({"model": "tiny", "messages": ASK, "tools": [WEATHER, TIME], **kw})
+
+
+@pytest.fixture(scope="module")
+def tok(store):
+    from plural.store.models import load_model
+
+    return load_model("tiny")[1]
+
+
+def test_prompt_for_a_template_without_tools(tok):
+    assert not T.template_renders_tools(tok)  # SmolLM2's template: the tools go into the system prompt
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]
+    msgs, native = T.messages(request(messages=history), tok, "Be brief.")
+    assert native is None
+    assert msgs[0]["role"] == "system" and msgs[0]["content"].startswith("Be brief.\n\n# Tools")
+    assert json.dumps(T.tool_schema(P.FunctionDef.model_validate(WEATHER["function"]))) in msgs[0]["content"]
+    assert msgs[2] == {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": '
+                                                       '{"city": "Paris", "unit": "C"}}\n</tool_call>'}
+    assert msgs[3]["role"] == "user" and msgs[3]["content"] == '<tool_response>\n{"temp": 21}\n</tool_response>'
+    none, _ = T.messages(request(tool_choice="none"), tok, None)
+    assert all("# Tools" not in m["content"] for m in none)  # tool_choice none: no tools offered
+
+
+def _accepts(grammars, grammar: str, text: str) -> bool:
+    c = grammars.constraint(grammar)
+    ids = grammars.hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    return c.matcher.consume_tokens(ids) and c.matcher.is_accepting()
+
+
+def test_call_grammars(tok):
+    from plural.serve.grammar import Grammars
+
+    g = Grammars(tok, {0, 2})
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
+    other = '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'
+    required = T.grammar(request(tool_choice="required"), None)
+    assert _accepts(g, required, call) and _accepts(g, required, call + "\n" + other)
+    assert not _accepts(g, required, "It is sunny.")
+    assert not _accepts(g, required, call.replace('"C"', '"K"'))  # the arguments' schema is enforced
+    assert not _accepts(g, required, call.replace("get_weather", "get_rain"))
+    single = T.grammar(request(tool_choice="required", parallel_tool_calls=False), None)
+    assert _accepts(g, single, call) and not _accepts(g, single, call + "\n" + other)
+    named = T.grammar(request(tool_choice={"type": "function", "function": {"name": "get_time"}}), None)
+    assert _accepts(g, named, other) and not _accepts(g, named, call)
+    auto = T.grammar(request(tool_choice="auto"), None)
+    assert _accepts(g, auto, "It is sunny in Paris.") and _accepts(g, auto, call)
+    assert not _accepts(g, auto, "Let me check. <tool_call>")  # a call starts the answer or not at all
+    with_format = T.grammar(request(tool_choice="auto"), {"type": "object", "properties": {"a": {"type": "integer"}},
+                                                          "required": ["a"]})
+    assert _accepts(g, with_format, '{"a": 1}') and _accepts(g, with_format, call)
+    assert not _accepts(g, with_format, "free text")
+
+
+def test_parse_and_stream_parser():
+    text = 'Checking.<tool_call>{"name": "f", "arguments": {"q": "a </tool_call> b"}}</tool_call>'
+    content, calls = T.parse(text)
+    assert content == "Checking." and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("f", {"q": "a </tool_call> b"})]  # a closing tag inside a JSON string does not end the call
+    p, got = T.StreamParser(), []
+    for i in range(0, len(text), 3):  # any split of the text gives the same pieces
+        got += p.push(text[i:i + 3])
+    assert "".join(x for x in got if isinstance(x, str)) == "Checking." and p.finish() == ""
+    assert [x.function.name for x in got if not isinstance(x, str)] == ["f"]
+    assert T.parse('<tool_call>{"name": "f", "argum') == ('<tool_call>{"name": "f", "argum', [])  # cut short: text
+
+
+def client(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def _valid_call(call, tool) -> None:
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == tool["function"]["name"]
+    args = json.loads(call.function.arguments)
+    assert jsonschema_rs.validator_for(tool["function"]["parameters"]).is_valid(args), args
+
+
+def test_tool_round_trip(oai_server):
+    """call -> tool result -> final answer, with the history as the openai client sends it back."""
+    c = client(oai_server)
+    r = c.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                  parallel_tool_calls=False, max_tokens=80, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    _valid_call(call, WEATHER if call.function.name == "get_weather" else TIME)
+    history = ASK + [choice.message, {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+    final = c.chat.completions.create(model="tiny", messages=history, tools=[WEATHER, TIME], tool_choice="none",
+                                      max_tokens=12, temperature=0)
+    assert final.choices[0].message.tool_calls is None and final.choices[0].message.content
+    assert final.choices[0].finish_reason in ("stop", "length")
+    # Named: that function, and finish_reason "stop" as OpenAI answers a forced call.
+    named = c.chat.completions.create(model="qv4", messages=ASK, tools=[WEATHER, TIME], max_tokens=80,
+                                      tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                      parallel_tool_calls=False)
+    (call,) = named.choices[0].message.tool_calls
+    _valid_call(call, TIME)
+    assert named.choices[0].finish_reason == "stop"
+
+
+def test_streamed_tool_calls_assemble(oai_server):
+    c = client(oai_server)
+    kw = dict(model="tiny", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=120, temperature=0)
+    whole = c.chat.completions.create(**kw, parallel_tool_calls=False)
+    with c.chat.completions.stream(**kw, parallel_tool_calls=False) as stream:  # the SDK's own accumulation
+        final = stream.get_final_completion()
+    (a,), (b,) = whole.choices[0].message.tool_calls, final.choices[0].message.tool_calls
+    assert (a.function.name, a.function.arguments) == (b.function.name, b.function.arguments)
+    assert final.choices[0].finish_reason == "tool_calls"
+    # Raw chunks: spec-valid, calls indexed from 0, content never carries the call's text.
+    import httpx
+
+    body = {**kw, "stream": True, "n": 2, "parallel_tool_calls": False}
+    events = sse_events(httpx.post(oai_server.url + "/v1/chat/completions", json=body, timeout=60).text)
+    calls = {0: [], 1: []}
+    for ev in events:
+        check("CreateChatCompletionStreamResponse", ev)
+        for ch in ev["choices"]:
+            assert "<tool_call>" not in (ch["delta"].get("content") or "")
+            calls[ch["index"]] += ch["delta"].get("tool_calls", [])
+    for got in calls.values():
+        assert [t["index"] for t in got] == list(range(len(got))) and got
+        for t in got:
+            assert t["type"] == "function" and t["function"]["name"] == "get_weather"
+            json.loads(t["function"]["arguments"])
+
+
+def test_tool_requests_are_checked(oai_server):
+    c = client(oai_server)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER],
+                                  tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert "nope" in e.value.body["message"]
+    bad = {**WEATHER, "function": {**WEATHER["function"], "parameters": {"type": "object", "not": {"required": ["x"]}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=ASK, tools=[bad], tool_choice="required")
+    assert e.value.body["param"] == "tools" and "not" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=ASK + [{"role": "tool", "content": "x"}], tools=[WEATHER])
+    assert "tool_call_id" in e.value.body["message"]
