@@ -73,6 +73,10 @@ def test_front_answers_as_the_upstream(cluster):
                                                           "temperature": 0},
                        headers={"Authorization": f"Bearer {OPS_KEY}"}, timeout=60).json()
     assert c_via["choices"][0]["text"] == c_direct["choices"][0]["text"]
+    e_direct = httpx.post(u1.url + "/v1/embeddings", json={"model": "qv4", "input": "hello"}, timeout=60).json()
+    e_via = httpx.post(one.url + "/v1/embeddings", json={"model": "support", "input": "hello"},
+                       headers={"Authorization": f"Bearer {OPS_KEY}"}, timeout=60).json()
+    assert e_via["data"][0]["embedding"] == e_direct["data"][0]["embedding"] and e_via["model"] == "support"
 
 
 def test_front_models_and_tenants(cluster):
