@@ -108,6 +108,8 @@ def test_fuzzed_answers_always_parse_and_validate(grammars, one_thread):
     ({"not": {"type": "string"}}, "not"),
     ({"type": "object", "dependentRequired": {"a": ["b"]}}, "dependentRequired"),
     ({"type": "string", "format": "no-such-format"}, "no-such-format"),
+    # A schema cannot switch llguidance to ignoring what it cannot enforce.
+    ({"type": "array", "uniqueItems": True, "x-guidance": {"lenient": True}}, "uniqueItems"),
 ])
 def test_unenforceable_keywords_fail_closed(grammars, schema, keyword):
     g, _ = grammars

@@ -26,8 +26,9 @@ COMPILE_SECONDS = 5.0  # a compile that takes longer is refused (vLLM's has no l
 MAX_GRAMMAR_BYTES = 200_000  # the schema or grammar text, before compiling
 CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
 # Compact but readable JSON, as json.dumps writes it; no free whitespace, so a small model
-# cannot run out its token budget on newlines inside a JSON value.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# cannot run out its token budget on newlines inside a JSON value. `lenient: False` overrides a
+# schema's own "x-guidance" options: an unimplemented keyword is always an error (fail closed).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
 
 
 class Constraint:
