@@ -232,3 +232,15 @@ def test_unenforceable_schema_is_a_400_naming_the_keyword(oai_server):
     r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2, response_format={
         "type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[1]}})
     assert r.choices[0].finish_reason == "length"
+
+
+def test_a_failed_grammar_fails_its_sequence_alone(engine, grammars):
+    eng, tok = engine
+    g, _ = grammars
+    broken = g.constraint(json_schema_grammar(SCHEMAS[0]))
+    assert not broken.matcher.consume_token(tok("hello", add_special_tokens=False)["input_ids"][0])  # error state
+    ids = tok("Describe a person:", add_special_tokens=False)["input_ids"]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    bad, good = _run(eng, [(ids, greedy, broken), (ids, greedy, None)])
+    assert bad["finish"] == "error" and "grammar" in bad["error"]
+    assert good["finish"] == "length" and len(good["ids"]) == 8

@@ -83,6 +83,7 @@ class Grammars:
 
                 self._lltok = llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=len(self.hf_tokenizer),
                                                            eos_token=self.eos_ids)
+                executor()  # its threads start here, not on the engine thread at the first mask
             return self._lltok
 
     def constraint(self, grammar: str) -> Constraint:
@@ -123,13 +124,23 @@ def _clean(message: str) -> str:
 
 
 _executor = None
+_executor_lock = threading.Lock()
+
+
+def executor():
+    """llguidance's thread pool for filling many rows' masks in one call (one per process)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            from llguidance import LLExecutor
+
+            _executor = LLExecutor()
+        return _executor
 
 
 def mask_logits(logits: torch.Tensor, rows: list[int], constraints: list[Constraint]) -> list[str | None]:
     """Set the logits of tokens the grammar forbids to -inf, in place on logits [n, V], for each
     row in `rows` with its constraint. Returns an error per listed row (None when fine)."""
-    global _executor
-    from llguidance import LLExecutor
     from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par
 
     vocab = constraints[0].vocab
@@ -141,9 +152,7 @@ def mask_logits(logits: torch.Tensor, rows: list[int], constraints: list[Constra
     bits = allocate_token_bitmask(len(rows), vocab)  # [m, ceil(V/32)] int32, all allowed
     live = [j for j, e in enumerate(errors) if e is None]
     try:
-        if _executor is None:
-            _executor = LLExecutor()
-        fill_next_token_bitmask_par(_executor, [(matchers[j], j) for j in live], bits)
+        fill_next_token_bitmask_par(executor(), [(matchers[j], j) for j in live], bits)
     except Exception:  # one bad matcher must not fail the others: fill them one by one
         for j in live:
             try:
