@@ -26,6 +26,7 @@ MAX_NEW_TOKENS = 64
 def run_demo(config: Path | None, output: Path, out: Console, n_prompts: int = 6) -> Path:
     from plural import tune
     from plural.config import load_config
+    from plural.store.adapters import load_manifest
     from plural.store.models import DEFAULT_MODEL, get_model, import_model
     from plural.tune.config import TuneConfig
 
@@ -46,9 +47,9 @@ def run_demo(config: Path | None, output: Path, out: Console, n_prompts: int = 6
     cfg = cfg.model_copy(update={"output": run_dir})
     out.print(f"[2/3] fine-tuning a LoRA adapter on {', '.join(p.name for p in cfg.data.train)} → {run_dir}")
     adapter = tune.run(cfg)
-    man = json.loads((adapter / "plural.json").read_text())["metrics"]
-    out.print(f"      done: {man['steps']} steps in {man['seconds']:.0f}s, held-out loss {man['base_eval_loss']:.3f} (base) → {man['eval_loss']:.3f}, "
-              f"{man['trained_tokens_per_second']:.0f} trained tokens/s ({man['precision']})")
+    m = load_manifest(adapter).metrics
+    out.print(f"      done: {m.steps} steps in {m.seconds:.0f}s, held-out loss {m.base_eval_loss:.3f} (base) → {m.eval_loss:.3f}, "
+              f"{m.trained_tokens_per_second:.0f} trained tokens/s ({m.precision})")
 
     out.print("[3/3] held-out questions (never seen in training): base vs adapter")
     compare(adapter, cfg.data.eval, out, n_prompts)

@@ -43,9 +43,10 @@ def tune(
 
 
 def _summary(run_dir: Path, adapter: Path) -> None:
-    from plural.store.adapters import read_manifest
+    from plural.store.adapters import load_manifest
 
-    m = read_manifest(adapter).get("metrics", {})
+    man = load_manifest(adapter)
+    m = man.metrics.model_dump() if man else {}
     t = Table("run", "steps", "train loss", "held-out loss", "trained tok/s", "adapter", show_header=True)
     fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
     t.add_row(str(run_dir), fmt(m.get("steps")), fmt(m.get("train_loss")), fmt(m.get("eval_loss")), fmt(m.get("trained_tokens_per_second")), str(adapter))

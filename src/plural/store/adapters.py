@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from plural.errors import PluralError
 from plural.store.models import StoredModel
 from plural.store.paths import adapters_dir, atomic_dir, write_json_atomic
@@ -35,29 +37,112 @@ def sha256_file(path: str | Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+class _Part(BaseModel):
+    # Unknown keys are kept, not refused: a manifest written by a newer plural (or carrying fields
+    # another tool added) still loads, and saving it again loses nothing.
+    model_config = ConfigDict(extra="allow")
+
+
+class BaseRef(_Part):
+    name: str
+    fingerprint: str | None = None
+    architecture: str | None = None
+
+
+class DataFile(_Part):
+    path: str
+    sha256: str
+
+
+class InitAdapter(_Part):
+    path: str
+    method: str | None = None
+
+
+class Metrics(_Part):
+    """What a run measured; each recipe fills the fields it has (None: not measured)."""
+
+    steps: int | None = None
+    train_loss: float | None = None  # last step's loss
+    eval_loss: float | None = None  # held-out loss at the end
+    final_train_loss: float | None = None  # adapter on (a sample of) the training rows at the end
+    base_train_loss: float | None = None  # the base (adapter off) on the same rows
+    base_eval_loss: float | None = None
+    warnings: list[str] | None = None  # tune.report: did not learn, over-fitting
+    trained_tokens: int | None = None
+    pairs_seen: int | None = None  # dpo / orpo
+    seconds: float | None = None
+    trained_tokens_per_second: float | None = None
+    processes: int | None = None
+    precision: str | None = None
+    beta: float | None = None  # dpo
+    reference: str | None = None  # dpo
+    lambda_: float | None = Field(None, alias="lambda")  # orpo
+    eval_reward_accuracy: float | None = None  # dpo
+    eval_odds_accuracy: float | None = None  # orpo
+    rounds: int | None = None  # federated
+    eval_loss_per_org: dict[str, Any] | None = None  # federated
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class AdapterManifest(_Part):
+    """plural.json: where an adapter came from. Written by every recipe (and federation) through
+    build_manifest / save_adapter, read back with load_manifest."""
+
+    format: int = FORMAT_VERSION
+    method: str
+    base: BaseRef
+    data: list[DataFile] = Field(default_factory=list)
+    config: dict[str, Any] = {}
+    metrics: Metrics = Field(default_factory=Metrics)
+    created: str
+    run: str | None = None
+    init_adapter: InitAdapter | None = None  # dpo / orpo started from this adapter
+    federation: dict[str, Any] | None = None  # plural federate: rounds, nodes, strategy, privacy
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 def build_manifest(
     base: StoredModel,
     method: str,
     config: dict[str, Any] | None = None,
     data_files: list[str | Path] = (),
-    metrics: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | Metrics | None = None,
     **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "format": FORMAT_VERSION,
-        "method": method,
-        "base": {"name": base.name, "fingerprint": base.fingerprint, "architecture": base.manifest.get("architecture")},
-        "data": [{"path": str(p), "sha256": sha256_file(p)} for p in data_files],
-        "config": config or {},
-        "metrics": metrics or {},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+) -> AdapterManifest:
+    return AdapterManifest(
+        method=method,
+        base=BaseRef(name=base.name, fingerprint=base.fingerprint, architecture=base.manifest.get("architecture")),
+        data=[DataFile(path=str(p), sha256=sha256_file(p)) for p in data_files],
+        config=config or {},
+        metrics=Metrics.model_validate(metrics or {}) if not isinstance(metrics, Metrics) else metrics,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
-    }
+    )
 
 
-def save_adapter(peft_model, out_dir: str | Path, manifest: dict[str, Any], overwrite: bool = True) -> Path:
+def load_manifest(path: str | Path) -> AdapterManifest | None:
+    """The adapter's plural.json as the typed model (None for an adapter made outside plural);
+    a malformed one is an error naming the file and the field."""
+    man = read_manifest(path)
+    if not man:
+        return None
+    try:
+        return AdapterManifest.model_validate(man)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise PluralError(f"{resolve_adapter(path) / MANIFEST}: {where}: {err['msg']}") from e
+
+
+def save_adapter(peft_model, out_dir: str | Path, manifest: AdapterManifest | dict[str, Any], overwrite: bool = True) -> Path:
     """Write the PEFT adapter and its manifest atomically (temp folder, then rename)."""
     out = Path(out_dir)
+    if not isinstance(manifest, AdapterManifest):
+        manifest = AdapterManifest.model_validate(manifest)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         # Point the PEFT config at the stored base so plain PEFT finds it on this machine.
@@ -65,19 +150,19 @@ def save_adapter(peft_model, out_dir: str | Path, manifest: dict[str, Any], over
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = str(_base_path(manifest))
         cfg_path.write_text(json.dumps(cfg, indent=2))
-        write_json_atomic(tmp / MANIFEST, manifest)
+        write_json_atomic(tmp / MANIFEST, manifest.to_json())
         for extra in tmp.glob("README.md"):
             extra.unlink()
     return out
 
 
-def _base_path(manifest: dict[str, Any]) -> Path | str:
+def _base_path(manifest: AdapterManifest) -> Path | str:
     from plural.store.models import get_model
 
     try:
-        return get_model(manifest["base"]["name"]).path
+        return get_model(manifest.base.name).path
     except PluralError:
-        return manifest["base"]["name"]
+        return manifest.base.name
 
 
 def resolve_adapter(ref: str | Path) -> Path:

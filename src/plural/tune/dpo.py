@@ -41,7 +41,7 @@ from plural.data.chat import IGNORE, encode_chat
 from plural.data.packing import Row, collate
 from plural.data.records import completion_text, load_records, prompt_messages
 from plural.errors import PluralError
-from plural.store.adapters import attach_adapter, build_manifest, read_manifest, save_adapter
+from plural.store.adapters import attach_adapter, build_manifest, load_manifest, save_adapter
 from plural.store.models import load_model
 from plural.tune import loop
 from plural.tune.config import TuneConfig
@@ -218,7 +218,8 @@ def save(cfg: TuneConfig, run_dir: Path, model, stored, res: loop.FitResult, dis
             "precision": "bf16" if loop.autocast_dtype(cfg.train.precision, device) else "fp32", **extra_metrics,
         }
         data_files = list(cfg.data.train) + ([cfg.data.eval] if cfg.data.eval else [])
-        init = {"init_adapter": {"path": str(cfg.init_adapter), "method": read_manifest(cfg.init_adapter).get("method")}} if cfg.init_adapter else {}
+        init_man = load_manifest(cfg.init_adapter) if cfg.init_adapter else None
+        init = {"init_adapter": {"path": str(cfg.init_adapter), "method": init_man.method if init_man else None}} if cfg.init_adapter else {}
         manifest = build_manifest(stored, cfg.method, cfg.model_dump(mode="json"), data_files, metrics, run=str(run_dir), **init)
         save_adapter(model, adapter_dir, manifest)
         from plural.tune.plot import plot_history
