@@ -137,8 +137,14 @@ def test_encoder_only_model_is_refused(tok):
 
     bert = BertLMHeadModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       intermediate_size=64)).eval()
-    with pytest.raises(PluralError, match="does not decode as a causal LM"):
+    with torch.no_grad():  # attention that matters, as in a trained encoder
+        for p in bert.parameters():
+            p.mul_(4.0)
+    with pytest.raises(PluralError, match="'bert' is not causal"):
         engine_for(bert, tok, "auto")
+    with pytest.raises(PluralError, match="'bert' is not causal"):
+        Engine(copy.deepcopy(bert), tok, max_batch=1, max_len=32, max_queue=1, max_loras=1, max_lora_rank=8,
+               cache_bytes=1 << 20, dtype=torch.bfloat16, device=torch.device("cpu"))
     with pytest.raises(PluralError, match="not one of the fused runner's families"):
         engine_for(bert, tok, "fused")
     with pytest.raises(PluralError, match="needs the fused runner"):

@@ -100,3 +100,28 @@ def test_gguf_of_another_family_imports(store, family, tmp_path):
     x = torch.tensor([[200, 201, 202, 203, 204, 205, 206, 207, 208, 209]])
     with torch.no_grad():
         assert torch.allclose(back(x).logits, model(x).logits, atol=1e-4)
+
+
+def test_serve_refuses_a_model_no_runner_serves(store, tmp_path):
+    """An encoder (BERT) in the store: `plural serve` stops at start with one line naming it."""
+    from transformers import AutoTokenizer, BertConfig, BertLMHeadModel
+
+    from plural.store.models import get_model
+
+    tok = AutoTokenizer.from_pretrained(get_model("tiny").path)
+    src = tmp_path / "bert"
+    import torch
+
+    bert = BertLMHeadModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64))
+    with torch.no_grad():  # attention that matters, as in a trained encoder
+        for p in bert.parameters():
+            p.mul_(4.0)
+    bert.save_pretrained(src, safe_serialization=True)
+    tok.save_pretrained(src)
+    plural("models", "add", src, "--name", "tiny-bert-e2e", "--force")
+    r = subprocess.run([PLURAL, "serve", "--model", "tiny-bert-e2e", "--port", "0"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "COLUMNS": "300"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "'bert' is not causal" in err[0] and "decoder-only causal LMs" in err[0], r.stderr
