@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -187,10 +188,23 @@ def test_admin_load_and_unload_sync_with_vllm(front):
     assert httpx.delete(front.url + "/admin/adapters/rs2", headers=auth(ADMIN), timeout=60).status_code == 404
 
 
+def test_a_dead_engine_is_named_in_health(front):
+    rec = front.record()
+    os.kill(rec["pid"], signal.SIGKILL)  # vLLM itself dies; its worker stays, as a crash would leave it
+    deadline = time.monotonic() + 10
+    while (h := httpx.get(front.url + "/health", timeout=10)).status_code != 503:
+        assert time.monotonic() < deadline, h.text
+        time.sleep(0.1)
+    assert h.json()["upstreams"][0]["error"] == "the engine process exited with status -9"
+    r = chat(front, "tiny")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable"
+    assert _alive(rec["worker_pid"])
+
+
 def test_stopping_the_front_stops_the_engine_group(front):
     rec = front.record()
     assert front.stop() == 0
-    for pid in (rec["pid"], rec["worker_pid"]):  # vLLM and the worker in its group
+    for pid in (rec["pid"], rec["worker_pid"]):  # vLLM and the worker left in its group
         deadline = time.monotonic() + 10
         while _alive(pid):
             assert time.monotonic() < deadline, f"process {pid} still runs"

@@ -88,10 +88,6 @@ def serve(
     DrainingServer(config, app.state.server, settings.shutdown_timeout).run()
 
 
-def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
-
-
 def _serve_front(settings) -> None:
     """Front mode: no torch threads to arrange, no model; the upstreams are checked as it starts."""
     import uvicorn
@@ -106,3 +102,7 @@ def _serve_front(settings) -> None:
     err.print(f"[green]serving[/] front for {what} on http://{settings.host}:{settings.port}/v1", highlight=False)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
     DrainingServer(config, app.state.server, settings.shutdown_timeout).run()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

@@ -132,6 +132,9 @@ class Upstreams:
 
     async def check(self, r: Replica) -> None:
         """Up = `/v1/models` answers 200 with a model list; it also tells which ids the replica serves."""
+        if self.engine is not None and (code := self.engine.exit_status()) is not None:
+            self._mark_down(r, f"the engine process exited with status {code}")  # plural does not restart it
+            return
         try:
             resp = await self.client.get(r.url + "/v1/models", headers=r.headers(), timeout=5.0)
             if resp.status_code != 200:

@@ -15,6 +15,7 @@ VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import secrets
@@ -182,18 +183,31 @@ class VLLM:
     async def start(self, ups) -> None:
         pass  # launched in build_state, before the HTTP server exists: a failed start is a clean error
 
+    def exit_status(self) -> int | None:
+        return self.proc.poll() if self.proc is not None else None
+
     def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to vLLM's whole process group (its engine-core workers too, even when vLLM itself
+        already died), SIGKILL to whatever is left after `timeout`."""
         p = self.proc
-        if p is None or p.poll() is not None:
+        if p is None:
             return
         try:
             os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
         except ProcessLookupError:
-            pass
+            p.poll()
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p.poll()  # reap the leader, so its zombie does not keep the group alive
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
     # ---- run-time adapters (the admin API) ----------------------------------------------------
 
