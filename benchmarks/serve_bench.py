@@ -41,7 +41,8 @@ import torch
 from _report import command, write_section
 
 NEW_TOKENS = 128
-WEIGHTS = {"none": "bf16", "int4": "int4 (`--quantize int4`)"}
+# The label says the dtype the server reports in /health (fp32 where the CPU has no fast bf16), never a guess.
+WEIGHTS = {"none": "{dtype}", "int4": "int4 (`--quantize int4`) over {dtype} activations"}
 CONCURRENCY = 16
 TOPICS = ["a refund", "a late delivery", "a password reset", "roaming fees", "a broken screen", "an invoice",
           "a contract change", "a new SIM card"]
@@ -118,7 +119,9 @@ class PluralServer:
 
         for _ in range(600):
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                r = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1)
+                if r.status_code == 200:
+                    self.health = r.json()  # runner, family, dtype actually used
                     return
             except httpx.HTTPError:
                 time.sleep(0.2)
@@ -328,7 +331,7 @@ def main() -> None:
             r64 = run([adapters[16 + (i * 7) % 48].name for i in range(args.requests)])
         finally:
             srv.stop()
-        label = WEIGHTS[quant]
+        label = WEIGHTS[quant].format(dtype={"bfloat16": "bf16", "float32": "fp32"}.get(srv.health["dtype"], srv.health["dtype"]))
         rows[f"plural serve (16 adapters, {label})"] = (r16["tok_s"], r16["ttft_p50"], r16["ttft_p99"], statistics.median(single))
         plural[quant] = (label, r16, rbase, r1, r64, statistics.median(single))
         print("plural", quant, r16, rbase, r1, r64, single, flush=True)
