@@ -76,7 +76,7 @@ def plural_answers(adapter: Path, prompts: list[list[int]], stop: set[int]) -> l
     return out
 
 
-def llama(model_path: Path, lora: Path | None = None):
+def llama(model_path: Path, lora: Path | None, threads: int):
     import llama_cpp
 
     # llama-cpp-python 0.3.36 segfaults in its first decode when weights are repacked for AMX (see
@@ -92,7 +92,7 @@ def llama(model_path: Path, lora: Path | None = None):
     try:
         # f32 KV cache (llama.cpp's default is f16) so that only the weights differ from plural's fp32
         return llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=1024,
-                               n_threads=os.cpu_count(), verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+                               n_threads=threads, verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     finally:
         llama_cpp.llama_cpp.llama_model_default_params = defaults
 
@@ -143,6 +143,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapter", type=Path, help="adapter on SmolLM2 (default: a random-B LoRA, r=8, all linear layers)")
     ap.add_argument("--questions", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="llama.cpp threads (1 on a machine other jobs share: its threads spin-wait for each other)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "plural-export-bench")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md")
     args = ap.parse_args()
@@ -183,7 +185,7 @@ def main() -> None:
         have_llama = False
     runs = [("base f32 GGUF + GGUF LoRA", files["base-f32"], files["lora"])] + [(f"merged {t} GGUF", files[t], None) for t in LLAMA_TYPES]
     for label, model_path, lora in runs:
-        rows[label] = agreement(ref, llama_answers(llama(model_path, lora), prompts, stop)) if have_llama else None
+        rows[label] = agreement(ref, llama_answers(llama(model_path, lora, args.threads), prompts, stop)) if have_llama else None
 
     bpb = {}
     for t in TYPES:
