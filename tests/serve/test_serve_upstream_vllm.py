@@ -150,6 +150,18 @@ def test_backpressure_429_and_request_timeout(front):
     assert json.loads(lines[-2][6:])["error"]["code"] == "timeout" and lines[-1] == "data: [DONE]"
 
 
+def test_a_client_that_leaves_cancels_the_upstream_request(front):
+    body = {"model": "all8", "messages": [{"role": "user", "content": " ".join("w" * 20)}], "max_tokens": 12}
+    with pytest.raises(httpx.ReadTimeout):  # gives up after 0.8 s of a 3.6 s answer, closing the connection
+        httpx.post(front.url + "/v1/chat/completions", json=body, headers=auth(OPS), timeout=0.8)
+    deadline = time.monotonic() + 5
+    while "all8" not in front.record()["aborted"]:  # ("tiny" is there too: the front's own timeout above)
+        assert time.monotonic() < deadline, front.record()["aborted"]
+        time.sleep(0.1)
+    assert httpx.get(front.url + "/health", timeout=10).json()["upstreams"][0]["in_flight"] == 0
+    assert chat(front, "tiny").status_code == 200  # its slot (upstream_max_in_flight: 1) is free again
+
+
 def test_engine_failure_is_mapped_without_its_address(front):
     port = front.record()["argv"][front.record()["argv"].index("--port") + 1]
     r = chat(front, "tiny", "explode")

@@ -7,7 +7,8 @@ vLLM's API that plural uses: the --api-key check on /v1, /health, /v1/models (Lo
 `parent`), /v1/load_lora_adapter and /v1/unload_lora_adapter (only with
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, refusing ranks above --max-lora-rank), and chat/completions
 that answer "[MODEL] LAST USER TEXT" one word per SSE chunk, STANDIN_DELAY seconds apart (so a
-test can tell a relayed stream from a buffered one). The user text "explode" answers a 500 in
+test can tell a relayed stream from a buffered one); a non-streamed answer takes as long and is
+abandoned (recorded in "aborted") when its client disconnects, as vLLM aborts such a request. The user text "explode" answers a 500 in
 vLLM's older flat error shape, naming its own address (which plural must not pass on).
 
 It also starts a child process that stays in its process group, as vLLM's engine-core worker does.
@@ -62,7 +63,7 @@ def main() -> None:
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])  # stays in our group
     runtime = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "True"
     record = {"argv": sys.argv[1:], "pid": os.getpid(), "worker_pid": worker.pid, "pgid": os.getpgid(0),
-              "runtime_lora": runtime, "loads": [], "unloads": []}
+              "runtime_lora": runtime, "loads": [], "unloads": [], "aborted": []}
     delay = float(os.environ.get("STANDIN_DELAY", "0.3"))
     loras: dict[str, str] = {}
 
@@ -89,11 +90,15 @@ def main() -> None:
 
     app = FastAPI()
 
-    @app.middleware("http")
-    async def key(request: Request, call_next):
-        if request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {args.api_key}":
-            return JSONResponse({"error": "Unauthorized"}, status_code=401)
-        return await call_next(request)
+    def with_key(inner):
+        # A plain ASGI wrapper (not @app.middleware, which hides client disconnects from handlers).
+        async def app_(scope, receive, send):
+            if scope["type"] == "http" and scope["path"].startswith("/v1"):
+                headers = dict(scope["headers"])
+                if headers.get(b"authorization", b"").decode() != f"Bearer {args.api_key}":
+                    return await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+            return await inner(scope, receive, send)
+        return app_
 
     @app.get("/health")
     async def health():
@@ -130,7 +135,7 @@ def main() -> None:
             save()
             return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
-    async def answer(body: dict, kind: str):
+    async def answer(body: dict, kind: str, request: Request):
         model = body.get("model")
         if model != args.served_model_name and model not in loras:
             return error(404, f"The model `{model}` does not exist.", "NotFoundError")
@@ -146,7 +151,12 @@ def main() -> None:
         usage = {"prompt_tokens": len(text.split()), "completion_tokens": len(words),
                  "total_tokens": len(text.split()) + len(words)}
         if not body.get("stream"):
-            await asyncio.sleep(delay * len(words))
+            for _ in words:  # "generating"; like vLLM, stop when the client has gone
+                await asyncio.sleep(delay)
+                if await request.is_disconnected():
+                    record["aborted"].append(model)
+                    save()
+                    return PlainTextResponse("", status_code=499)
             out = " ".join(words)
             if kind == "chat":
                 choice = {"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": "stop"}
@@ -176,14 +186,14 @@ def main() -> None:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat(body: dict):
-        return await answer(body, "chat")
+    async def chat(body: dict, request: Request):
+        return await answer(body, "chat", request)
 
     @app.post("/v1/completions")
-    async def completions(body: dict):
-        return await answer(body, "completion")
+    async def completions(body: dict, request: Request):
+        return await answer(body, "completion", request)
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(with_key(app), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -238,7 +238,23 @@ class Upstreams:
         if prompt and path == "/v1/chat/completions" and not any(
                 m.get("role") in ("system", "developer") for m in body.get("messages", [])):
             body["messages"] = [{"role": "system", "content": prompt}, *body["messages"]]
-        stream = bool(body.get("stream"))
+        if body.get("stream"):
+            return await self._forward(request, path, body, model, uid, True)
+        # Not streamed: if the client goes away first, drop the upstream request (closing its
+        # connection is how vLLM and plural learn to stop generating).
+        work = asyncio.create_task(self._forward(request, path, body, model, uid, False))
+        gone = asyncio.create_task(_disconnected(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            gone.cancel()
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        self.metrics.requests.labels(model, "499").inc()  # nginx's "client closed request"
+        return Response(status_code=499)
+
+    async def _forward(self, request: Request, path: str, body: dict, model: str, uid: str, stream: bool) -> Response:
         rid = getattr(request.state, "request_id", "")
         start = time.monotonic()
         deadline = start + self.settings.request_timeout
@@ -260,6 +276,9 @@ class Upstreams:
             except (httpx.HTTPError, asyncio.TimeoutError) as e:
                 self._release(r)
                 raise self._transport_error(r, e) from None
+            except asyncio.CancelledError:  # the client left
+                self._release(r)
+                raise
         self.m_requests.labels(r.name, str(resp.status_code)).inc()
         if resp.status_code != 200:
             try:
@@ -471,3 +490,9 @@ def front_state(settings: ServeSettings):
 
 def _no_register(name: str, ref: str, confined: bool):
     raise APIError(400, "a front server registers no adapters itself", code="admin_unavailable")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
