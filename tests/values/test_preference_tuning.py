@@ -107,8 +107,8 @@ def test_reference_is_the_base_with_the_adapter_disabled(tiny_model, pref_file):
     # and a fresh adapter (B = 0) gives DPO loss log 2 per pair: policy == reference
     fresh, _ = _tiny_peft(tiny_model)
     rows = build_pair_rows(tok, [pref_file], 512)
-    loss = DPOLoss(fresh, beta=0.1)(**collate(rows, tok.pad_token_id))
-    assert loss.item() / (2 * len(rows)) == pytest.approx(math.log(2.0), abs=1e-5)
+    loss, pairs = DPOLoss(fresh, beta=0.1)(**collate(rows, tok.pad_token_id))  # (sum, units), tune.loop's contract
+    assert pairs == len(rows) and loss.item() / pairs == pytest.approx(math.log(2.0), abs=1e-5)
 
 
 def test_config_validation(tmp_path):

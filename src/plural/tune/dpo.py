@@ -18,10 +18,9 @@ and no reference forward runs during training.
 Rows. One row per pair: the chosen and the rejected conversation packed back to back, positions
 restarting at 0 for each (so they never attend to each other, see data.packing). `labels` are
 IGNORE everywhere except at the first completion token of each sequence: those two markers say
-where each completion starts, and they make the shared loop (tune.loop.fit), which divides the
-summed loss by the number of labelled tokens, divide by 2 × pairs. The loss module therefore
-returns 2 × Σ pair losses, and the loop's loss is the mean loss per pair, exact across gradient
-accumulation and processes like the SFT loss.
+where each completion starts. The loss module returns (Σ pair losses, pairs), and the shared loop
+(tune.loop.fit) divides by the global number of pairs: the mean loss per pair, exact across
+gradient accumulation and processes like the SFT loss.
 
 Setup (model, adapter, rows), loop (tune.loop.fit with the DPO loss module), save (PEFT adapter +
 plural.json, loss.png, log.jsonl) -- the same run folder as `method: sft`.
@@ -109,7 +108,7 @@ def _pair_key(ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[int, ...]:
 
 
 class DPOLoss(nn.Module):
-    """forward(**collated rows) -> 2 × Σ per-pair DPO loss (see the module docstring for the 2).
+    """forward(**collated rows) -> (Σ per-pair DPO loss, number of pairs).
 
     `ref_logps`: reference log-probs [2] per row (keyed by its tokens), precomputed by
     `reference_logps`; None: the base with the adapter switched off, in the same step."""
@@ -128,8 +127,8 @@ class DPOLoss(nn.Module):
             ref = torch.stack([self.ref_logps[_pair_key(i, p)] for i, p in zip(input_ids, position_ids)]).to(pi)
         return self.beta * ((pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1]))
 
-    def forward(self, input_ids, labels, position_ids) -> torch.Tensor:
-        return 2 * (-F.logsigmoid(self.rewards(input_ids, labels, position_ids))).sum()
+    def forward(self, input_ids, labels, position_ids) -> tuple[torch.Tensor, int]:
+        return (-F.logsigmoid(self.rewards(input_ids, labels, position_ids))).sum(), input_ids.shape[0]
 
 
 def _eval_batches(module: nn.Module, rows: list[Row], pad_id: int, device, amp: torch.dtype | None, batch_size: int = 8):
@@ -213,7 +212,7 @@ def save(cfg: TuneConfig, run_dir: Path, model, stored, res: loop.FitResult, dis
     adapter_dir = run_dir / "adapter"
     if dist.main:
         metrics = {
-            "steps": res.steps, "train_loss": res.train_loss, "eval_loss": res.eval_loss, "pairs_seen": res.tokens_trained // 2,
+            "steps": res.steps, "train_loss": res.train_loss, "eval_loss": res.eval_loss, "pairs_seen": res.tokens_trained,
             "seconds": round(res.seconds, 2), "processes": dist.world,
             "precision": "bf16" if loop.autocast_dtype(cfg.train.precision, device) else "fp32", **extra_metrics,
         }

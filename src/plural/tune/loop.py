@@ -1,11 +1,14 @@
 """The training loop shared by the recipes: token-weighted loss, DDP, checkpoints, exact resume.
 
-Loss. Each optimizer step sums token cross-entropy over every trained token of the *global* batch
-(all micro-batches of all processes) and divides by that global token count. So gradient
-accumulation and multi-process training give the gradient of the same full batch (the bug
-Unsloth and HF fixed in 2024: averaging per micro-batch overweights short examples). Logits are
-computed only at trained positions: the [tokens, vocab] projection is the most expensive op of a
-small model, and SFT trains on a fraction of the tokens.
+Loss. A loss module returns `(sum, count)`: its loss summed over the units it averages over
+(trained tokens for SFT, pairs for DPO/ORPO) and the number of those units in the micro-batch.
+Each optimizer step back-propagates the sums of all micro-batches, then divides the gradient by
+the *global* count (all micro-batches of all processes). So gradient accumulation and
+multi-process training give the gradient of the same full batch (the bug Unsloth and HF fixed in
+2024: averaging per micro-batch overweights short examples). A module that returns a bare tensor
+is a sum over trained tokens (labels != IGNORE): federate.prox.ProxLoss wraps TokenLoss that way.
+Logits are computed only at trained positions: the [tokens, vocab] projection is the most
+expensive op of a small model, and SFT trains on a fraction of the tokens.
 
 Multi-process. Launched by torchrun (`plural tune --nproc N` does that): torch's DDP wraps the
 loss module, gloo on CPU, nccl on GPU. Rank r takes its slice of every global batch; each rank's
@@ -130,8 +133,16 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
 
 # ----------------------------------------------------------------------------- loss
 
+def sum_and_count(out, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A loss module's output as (sum, count): see the module docstring."""
+    if isinstance(out, tuple):
+        return out[0], float(out[1])
+    return out, float((labels[:, 1:] != IGNORE).sum())
+
+
 class TokenLoss(nn.Module):
-    """Wraps a (PEFT) causal LM; forward returns the *sum* of CE over trained tokens.
+    """Wraps a (PEFT) causal LM; forward returns the *sum* of CE over trained tokens (count: the
+    trained tokens, which the loop reads from the labels; see sum_and_count).
 
     Shapes: input_ids/labels/position_ids [B, T]; hidden [B, T-1, H] -> selected [N, H] -> logits [N, V].
     """
@@ -334,16 +345,15 @@ class FitResult:
 
 @torch.no_grad()
 def evaluate(loss_mod: TokenLoss, rows: list[Row], pad_id: int, device, amp, batch_size: int = 8) -> float:
-    """Mean CE per trained token over `rows` (no dropout)."""
+    """The mean loss per unit (trained token, pair) over `rows` (no dropout)."""
     was = loss_mod.training
     loss_mod.eval()
-    tot, n = 0.0, 0
+    tot, n = 0.0, 0.0
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        b = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
         with _autocast(device, amp):
-            tot += float(loss_mod(**b))
-        n += n_targets(chunk)
+            s, c = sum_and_count(loss_mod(**b), b["labels"])
+        tot, n = tot + float(s), n + c
     loss_mod.train(was)
     return tot / max(n, 1)
 
@@ -401,17 +411,22 @@ def fit(
     try:
         for step in range(start, n_steps):
             micro = step_batches(train_rows, cfg, step, dist)
-            n_global = dist.all_sum(sum(n_targets(m) for m in micro))
             n_input = int(dist.all_sum(sum(len(r) for m in micro for r in m)))  # non-padding tokens
-            loss_sum = 0.0
+            loss_sum, count = 0.0, 0.0
             for i, rows in enumerate(micro):
                 b = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
                 sync = dist.world == 1 or i == len(micro) - 1
                 with (nullcontext() if sync else wrapped.no_sync()):
                     with _autocast(device, amp):
-                        ls = wrapped(**b)
-                    (ls * (dist.world / max(n_global, 1))).backward()
-                loss_sum += float(ls.detach())
+                        ls, c = sum_and_count(wrapped(**b), b["labels"])
+                    ls.backward()
+                loss_sum, count = loss_sum + float(ls.detach()), count + c
+            # The gradient of the global mean: DDP averaged the summed gradients over the
+            # processes (÷ world), so × world / (units of the whole global batch).
+            n_global = dist.all_sum(count)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(dist.world / max(n_global, 1))
             gnorm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
             opt.step()
             sched.step()

@@ -39,7 +39,7 @@ def orpo_loss(mean_logp_chosen, mean_logp_rejected, lam: float) -> torch.Tensor:
 
 
 class ORPOLoss(nn.Module):
-    """forward(**collated rows) -> 2 × Σ per-pair ORPO loss (the 2: see tune/dpo.py)."""
+    """forward(**collated rows) -> (Σ per-pair ORPO loss, number of pairs)."""
 
     def __init__(self, model: nn.Module, lam: float):
         super().__init__()
@@ -54,9 +54,9 @@ class ORPOLoss(nn.Module):
         m = self._mean_logps(input_ids, labels, position_ids)
         return log_odds(m[:, 0]) - log_odds(m[:, 1])
 
-    def forward(self, input_ids, labels, position_ids) -> torch.Tensor:
+    def forward(self, input_ids, labels, position_ids) -> tuple[torch.Tensor, int]:
         m = self._mean_logps(input_ids, labels, position_ids)
-        return 2 * orpo_loss(m[:, 0], m[:, 1], self.lam).sum()
+        return orpo_loss(m[:, 0], m[:, 1], self.lam).sum(), input_ids.shape[0]
 
 
 def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
