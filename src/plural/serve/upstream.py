@@ -101,12 +101,10 @@ class Upstreams:
     # ---- lifecycle and health -------------------------------------------------------------------
 
     async def start(self) -> None:
-        # No total timeout on the pool: each call sets its own (request_timeout for generations).
+        # 10 s for health checks and admin calls; a generation sets its own (request_timeout).
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_connections=None,
                                         max_keepalive_connections=64))
-        if self.engine is not None:
-            await self.engine.start(self)
-        await self.check_all()
+        await self.check_all()  # a managed engine was launched (and answered /health) in front_state
         self._task = asyncio.create_task(self._health_loop())
 
     async def stop(self) -> None:

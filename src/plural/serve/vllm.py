@@ -158,7 +158,8 @@ class VLLM:
         return cmd + list(s.vllm_args)
 
     def launch(self) -> None:
-        """Start vLLM in its own process group and wait until /health answers 200."""
+        """Start vLLM in its own process group and wait until /health answers 200. Called while the
+        server is built, before it listens, so a failed start is a one-line error."""
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         # Its own session: the whole group (vLLM's engine-core workers too) is stopped together.
         self.proc = subprocess.Popen(self.command(), env=env, start_new_session=True)
@@ -179,9 +180,6 @@ class VLLM:
                     raise PluralError(f"vLLM did not answer /health within {self.settings.vllm_start_timeout:g} s "
                                       "(vllm_start_timeout)")
                 time.sleep(0.5)
-
-    async def start(self, ups) -> None:
-        pass  # launched in build_state, before the HTTP server exists: a failed start is a clean error
 
     def exit_status(self) -> int | None:
         return self.proc.poll() if self.proc is not None else None
