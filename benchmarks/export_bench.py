@@ -175,7 +175,9 @@ def main() -> None:
     stop = {tok.eos_token_id, tok.convert_tokens_to_ids(end_of_turn(tok))}
     questions = [q for q, _ in pick_prompts(ROOT / "examples/support/eval.jsonl", args.questions)]
     prompts = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+    print(f"exported {len(files)} files in {export_s:.0f} s", flush=True)
     ref = plural_answers(src.adapter, prompts, stop)
+    print("plural's answers done", flush=True)
 
     rows: dict[str, tuple[int, float] | None] = {}
     try:
@@ -186,12 +188,14 @@ def main() -> None:
     runs = [("base f32 GGUF + GGUF LoRA", files["base-f32"], files["lora"])] + [(f"merged {t} GGUF", files[t], None) for t in LLAMA_TYPES]
     for label, model_path, lora in runs:
         rows[label] = agreement(ref, llama_answers(llama(model_path, lora, args.threads), prompts, stop)) if have_llama else None
+        print(label, rows[label], flush=True)
 
     bpb = {}
     for t in TYPES:
         name = f"export-bench-{t}"
         import_model(files[t], name=name, overwrite=True)  # transformers dequantises the GGUF
         bpb[t] = bits_per_byte(name)
+        print(t, "bits per byte", bpb[t], flush=True)
 
     n = len(prompts)
     lines = [
