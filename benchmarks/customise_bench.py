@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-import unicodedata
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,42 +48,10 @@ def cpu() -> str:
     return f"{name}, {os.cpu_count()} cores, {' '.join(has) or 'no avx2'}"
 
 
-# ----------------------------------------------------------------------------- scoring (pure)
-
-def _norm(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).casefold()
-
-
-def contains(answer: str, phrase: str) -> bool:
-    """`phrase` in `answer`, case-folded, not inside a longer word or number ("4" is not in "40")."""
-    return re.search(r"(?<![\w:.])" + re.escape(_norm(phrase)) + r"(?![\w]|[:.]\d)", _norm(answer)) is not None
-
-
-def facts_score(answer: str, facts: list[str]) -> float:
-    return sum(contains(answer, f) for f in facts) / len(facts)
-
-
-def style_ok(answer: str, markers: list[str]) -> bool:
-    return all(_norm(m) in _norm(answer) for m in markers)
-
-
-def loops(answer: str) -> bool:
-    words = re.findall(r"\w+", _norm(answer))
-    grams = Counter(zip(words, words[1:], words[2:]))
-    return bool(grams) and max(grams.values()) >= 3
-
-
-def score_answers(answers: list[str], tests: list[dict]) -> dict[str, float]:
-    meta = [t["metadata"] for t in tests]
-    n = len(tests)
-    return {
-        "facts": sum(facts_score(a, m["facts"]) for a, m in zip(answers, meta)) / n,
-        "style": sum(style_ok(a, m["style"]) for a, m in zip(answers, meta)) / n,
-        "loops": sum(loops(a) for a in answers) / n,
-    }
-
-
 # ----------------------------------------------------------------------------- model side
+
+from plural.tune.customise import score  # noqa: E402  (after ROOT: one implementation, shared with `plural demo`)
+
 
 def read_jsonl(p: Path) -> list[dict]:
     return [json.loads(l) for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
@@ -105,32 +70,56 @@ def answer_and_bpb(adapter: Path | None, tests: list[dict]) -> tuple[list[str], 
     return answers, sum(m.num) / sum(m.den)
 
 
-def base_scores(domain: Path, tests: list[dict], work: Path) -> dict:
+def base_scores(domain: Path, test_file: Path, tests: list[dict], work: Path) -> dict:
     """The base model's scores, cached per domain and test file (they do not depend on the recipe)."""
     import hashlib
 
-    key = hashlib.sha256((domain / "test.jsonl").read_bytes()).hexdigest()[:12]
+    key = hashlib.sha256(test_file.read_bytes()).hexdigest()[:12]
     cache = work / f"base-{domain.name}-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     answers, bpb = answer_and_bpb(None, tests)
-    res = {**score_answers(answers, tests), "bpb": bpb, "answers": answers}
+    res = {**score(answers, tests), "bpb": bpb, "answers": answers}
     cache.write_text(json.dumps(res, ensure_ascii=False))
     return res
 
 
-def train(domain: Path, sets: list[str], out: Path) -> tuple[Path, float, list[str]]:
+def train(domain: Path, sets: list[str], out: Path) -> tuple[Path, float, float, list[str]]:
+    """Runs `plural tune` on the minimal config; returns (adapter, wall seconds, CPU seconds, the chosen-values line).
+
+    CPU seconds (user + system of the child) are reported beside wall seconds because the machines
+    these figures come from are shared: on an idle 2-core machine wall ≈ CPU / 2."""
     cfg = out.with_suffix(".yaml")
     cfg.write_text(f"method: sft\nmodel: smollm2-135m-instruct\ndata:\n  train: {domain / 'train.jsonl'}\noutput: {out}\n", encoding="utf-8")
     cmd = [str(Path(sys.executable).with_name("plural")), "tune", str(cfg)] + [a for s in sets for a in ("--set", s)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), os.times()
     r = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
+    seconds, c1 = time.perf_counter() - t0, os.times()
+    cpu_s = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
     (out.parent / f"{out.name}.log").write_text(r.stdout + r.stderr, encoding="utf-8")
     if r.returncode != 0:
         sys.exit(f"plural tune failed for {domain.name}:\n{r.stderr[-3000:]}")
     chosen = [l.strip() for l in r.stdout.splitlines() if "→" in l and "override" in l]
-    return out / "adapter", seconds, chosen
+    return out / "adapter", seconds, cpu_s, chosen
+
+
+def record(log: Path) -> None:
+    """Every configuration in `log`, one row per (configuration, domain), into docs/benchmarks.md."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _report import write_section
+
+    rows = read_jsonl(log)
+    lines = ["| configuration | domain | key facts (base) | all facts | style (base) | loops | bits per byte change | steps | "
+             "precision | tune wall s | tune CPU s | CPU |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        b = r["base"]
+        lines.append(f"| {r['label']} | {r['domain']} | {r['facts']:.2f} ({b['facts']:.2f}) | {r.get('all_facts', float('nan')):.2f} | "
+                     f"{r['style']:.2f} ({b['style']:.2f}) | {r['loops']:.2f} | {100 * r['bpb_change']:+.1f}% | {r['steps']} | "
+                     f"{r['precision']} | {r['seconds']:.0f} | {r.get('cpu_seconds', float('nan')):.0f} | {r['cpu']} |")
+    body = ("Command per configuration: `python benchmarks/customise_bench.py --threads 1 --set KEY=VALUE ... --label NAME` "
+            "(then `--record` writes this table from its results.jsonl). Test questions are unseen paraphrases; "
+            "bits per byte on examples/eval/multilingual.jsonl.\n\n" + "\n".join(lines))
+    write_section("customise", body)
 
 
 def main() -> None:
@@ -140,9 +129,23 @@ def main() -> None:
     ap.add_argument("--label", default=None, help="name of this configuration in the log")
     ap.add_argument("--work", type=Path, default=Path("/tmp/customise_bench"))
     ap.add_argument("--log", type=Path, default=None, help="append results here (default: WORK/results.jsonl)")
+    ap.add_argument("--record", action="store_true",
+                    help="only rewrite the customise section of docs/benchmarks.md from every run in --log, then exit")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for training and scoring (on a machine shared with other jobs, 1 avoids OpenMP oversubscription)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the tune subprocess inherits it
+        torch.set_num_threads(args.threads)
+        args.sets = args.sets + [f"train.threads={args.threads}"]
     args.work.mkdir(parents=True, exist_ok=True)
+    log = args.log or args.work / "results.jsonl"
+    if args.record:
+        record(log)
+        return
     label = args.label or (" ".join(args.sets) or "defaults")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"machine: {cpu()}")
@@ -150,29 +153,30 @@ def main() -> None:
     rows = []
     for d in args.domains:
         domain = Path(d) if Path(d).is_dir() else DATA / d
-        tests = read_jsonl(domain / "test.jsonl")
-        base = base_scores(domain, tests, args.work)
+        test_file = domain / "test.jsonl" if (domain / "test.jsonl").is_file() else domain / "eval.jsonl"
+        tests = read_jsonl(test_file)
+        base = base_scores(domain, test_file, tests, args.work)
         out = args.work / f"{domain.name}-{time.strftime('%H%M%S')}"
-        adapter, seconds, chosen = train(domain, args.sets, out)
+        adapter, seconds, cpu_s, chosen = train(domain, args.sets, out)
         answers, bpb = answer_and_bpb(adapter, tests)
-        s = score_answers(answers, tests)
+        s = score(answers, tests)
         metrics = json.loads((adapter / "plural.json").read_text())["metrics"]
-        row = {"label": label, "sets": args.sets, "domain": domain.name, "cpu": cpu(), **s, "bpb": bpb,
+        row = {"label": label, "sets": args.sets, "domain": domain.name, "cpu": cpu(), **s, "bpb": bpb, "cpu_seconds": cpu_s,
                "bpb_change": bpb / base["bpb"] - 1, "base": {k: base[k] for k in ("facts", "style", "loops", "bpb")},
                "seconds": round(seconds, 1), "train_seconds": metrics.get("seconds"), "steps": metrics.get("steps"),
                "precision": metrics.get("precision"), "chosen": chosen, "run": str(out),
                "samples": [{"q": t["messages"][0]["content"], "a": a} for t, a in zip(tests[:4], answers[:4])]}
         rows.append(row)
-        with open(args.log or args.work / "results.jsonl", "a", encoding="utf-8") as f:
+        with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     print(f"\nconfiguration: {label}")
-    print("| domain | facts (base) | style (base) | loops | bpb change | steps | precision | tune seconds |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    print("| domain | facts (base) | all facts | style (base) | loops | bpb change | steps | precision | tune wall s | tune CPU s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
         b = r["base"]
-        print(f"| {r['domain']} | {r['facts']:.2f} ({b['facts']:.2f}) | {r['style']:.2f} ({b['style']:.2f}) | {r['loops']:.2f} | "
-              f"{100 * r['bpb_change']:+.1f}% | {r['steps']} | {r['precision']} | {r['seconds']:.0f} |")
+        print(f"| {r['domain']} | {r['facts']:.2f} ({b['facts']:.2f}) | {r['all_facts']:.2f} | {r['style']:.2f} ({b['style']:.2f}) | {r['loops']:.2f} | "
+              f"{100 * r['bpb_change']:+.1f}% | {r['steps']} | {r['precision']} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} |")
     for r in rows:
         for c in r["chosen"]:
             print(f"{r['domain']}: {c}")

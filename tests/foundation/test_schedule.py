@@ -101,3 +101,19 @@ def test_minimal_config_through_the_cli_sizes_itself_and_reports(tmp_path, tiny_
     assert r.returncode == 0, r.stderr[-2000:]
     assert "10 epochs" in r.stdout and "60 steps" in r.stdout and "no data.eval" in r.stdout
     assert yaml.safe_load((tmp_path / "run2" / "config.yaml").read_text())["train"]["epochs"] == 10.0
+
+
+def test_replay_mixes_bundled_general_text_over_languages(tiny_model):
+    """data.replay: N documents of the bundled CC0 corpus, one per language first, every token trained."""
+    from plural.store.models import load_tokenizer
+    from plural.tune.sft import REPLAY, replay_docs
+
+    tok = load_tokenizer(tiny_model)
+    docs = replay_docs(tok, cfg_of(data__replay=8))
+    texts = [json.loads(l)["text"] for l in REPLAY.read_text(encoding="utf-8").splitlines()]
+    firsts = {tok.decode(d.input_ids[:6]) for d in docs}
+    assert len(docs) == 8 and len(firsts) == 8 and all(d.n_trained == len(d) for d in docs)
+    # the corpus is 8 languages × 8 topics, language by language: one document from each language
+    langs = {i // 8 for i, t in enumerate(texts) if tok.decode(tok(t)["input_ids"][:6]) in firsts}
+    assert langs == set(range(8))
+    assert replay_docs(tok, cfg_of()) == []

@@ -36,6 +36,10 @@ class DataConfig(Strict):
     max_length: int = Field(512, ge=16, le=131072)
     # None: chosen from the data (tune.schedule: packing only where an epoch keeps enough steps)
     packing: bool | None = None
+    # Documents of plural's bundled general text (resources/replay: CC0 prose in eight languages)
+    # trained beside the data, loss on every token, so the adapter keeps the base's general language
+    # (continual-learning replay, as value profiles do). 0: none; at most the corpus's 64.
+    replay: int = Field(0, ge=0, le=64)
     # Examples longer than max_length: "error" stops (data check names the line), "truncate" cuts them.
     overlong: Literal["error", "truncate"] = "truncate"
 

@@ -56,6 +56,19 @@ def encode_files(tok, files: list[Path], cfg: TuneConfig) -> list[Encoded]:
     return [e for f in files for e in encode_file(tok, f, cfg.method, cfg.data.max_length, cfg.data.overlong)]
 
 
+REPLAY = Path(__file__).resolve().parent.parent / "resources" / "replay" / "general.jsonl"
+
+
+def replay_docs(tok, cfg: TuneConfig) -> list[Encoded]:
+    """`data.replay` documents of the bundled general text, evenly spread over its topics and languages."""
+    if not cfg.data.replay:
+        return []
+    enc = encode_file(tok, REPLAY, "text", cfg.data.max_length, "truncate")
+    # The corpus is 8 languages × 8 topics, language by language: a stride of 9 (coprime to 64)
+    # walks both, so 8 documents are 8 languages on 8 different topics.
+    return [enc[(i * 9) % len(enc)] for i in range(cfg.data.replay)]
+
+
 def to_rows(enc: list[Encoded], cfg: TuneConfig) -> list[Row]:
     return pack(enc, cfg.data.max_length) if cfg.data.packing else unpacked(enc)
 
@@ -77,16 +90,17 @@ def add_lora(model, cfg: TuneConfig):
     return get_peft_model(model, pc)
 
 
-def sized(cfg: TuneConfig, run_dir: Path, enc: list[Encoded], model, dist) -> tuple[TuneConfig, list[Row]]:
+def sized(cfg: TuneConfig, run_dir: Path, enc: list[Encoded], model, dist, extra: list[Encoded] = ()) -> tuple[TuneConfig, list[Row]]:
     """Fill the values the config left out from the data and the model (tune.schedule), say so,
-    and record them in the run's config.yaml. Returns the resolved config and the training rows."""
+    and record them in the run's config.yaml. Returns the resolved config and the training rows
+    (of `enc` and `extra`, the replayed documents, which do not count as examples)."""
     from plural.tune import schedule, write_config
 
     G = cfg.train.batch_size * cfg.train.grad_accum * dist.world
     params = sum(p.numel() for p in model.parameters())
     plan = schedule.plan(cfg, len(enc), sum(e.n_trained for e in enc), params, G)
     cfg = schedule.with_packing(cfg, plan)
-    rows = to_rows(enc, cfg)
+    rows = to_rows(list(enc) + list(extra), cfg)
     steps = loop.total_steps(len(rows), cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})}), dist.world)
     cfg = schedule.resolved(cfg, plan, steps)
     if dist.main:
@@ -103,7 +117,7 @@ def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
 
     model, tok, stored = load_model(cfg.model)
     enc = encode_files(tok, cfg.data.train, cfg)
-    cfg, train_rows = sized(cfg, run_dir, enc, model, dist)
+    cfg, train_rows = sized(cfg, run_dir, enc, model, dist, extra=replay_docs(tok, cfg))
     eval_rows = build_rows(tok, [cfg.data.eval], cfg) if cfg.data.eval else None
     model = add_lora(model, cfg).to(device)
     model.train()
@@ -128,7 +142,7 @@ def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
             "trained_tokens_per_second": round(res.tokens_per_second, 1), "processes": dist.world,
             "precision": "bf16" if loop.autocast_dtype(cfg.train.precision, device) else "fp32",
         }
-        data_files = list(cfg.data.train) + ([cfg.data.eval] if cfg.data.eval else [])
+        data_files = list(cfg.data.train) + ([cfg.data.eval] if cfg.data.eval else []) + ([REPLAY] if cfg.data.replay else [])
         manifest = build_manifest(stored, cfg.method, cfg.model_dump(mode="json"), data_files, metrics, run=str(run_dir))
         save_adapter(model, adapter_dir, manifest)
         from plural.tune.plot import plot_history
