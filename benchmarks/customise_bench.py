@@ -165,7 +165,7 @@ def main() -> None:
                "bpb_change": bpb / base["bpb"] - 1, "base": {k: base[k] for k in ("facts", "style", "loops", "bpb")},
                "seconds": round(seconds, 1), "train_seconds": metrics.get("seconds"), "steps": metrics.get("steps"),
                "precision": metrics.get("precision"), "chosen": chosen, "run": str(out),
-               "samples": [{"q": t["messages"][0]["content"], "a": a} for t, a in zip(tests[:4], answers[:4])]}
+               "samples": [{"q": t["messages"][0]["content"], "a": a} for t, a in zip(tests, answers)]}
         rows.append(row)
         with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -48,11 +48,13 @@ def run_demo(config: Path | None, output: Path, out: Console, n_prompts: int = 6
     out.print(f"[2/3] fine-tuning a LoRA adapter on {', '.join(p.name for p in cfg.data.train)} → {run_dir}")
     adapter = tune.run(cfg)
     m = load_manifest(adapter).metrics
-    out.print(f"      done: {m.steps} steps in {m.seconds:.0f}s, held-out loss {m.base_eval_loss:.3f} (base) → {m.eval_loss:.3f}, "
-              f"{m.trained_tokens_per_second:.0f} trained tokens/s ({m.precision})")
+    held = f", held-out loss {m.base_eval_loss:.3f} (base) → {m.eval_loss:.3f}" if m.eval_loss is not None else ""
+    out.print(f"      done: {m.steps} steps in {m.seconds:.0f}s{held}, {m.trained_tokens_per_second:.0f} trained tokens/s ({m.precision})")
+    if cfg.data.eval is None:
+        raise PluralError(f"{config}: data.eval: the demo compares answers to held-out questions; give a held-out file")
 
     out.print("[3/3] held-out questions (never seen in training): base vs adapter")
-    compare(adapter, cfg.data.eval, out, n_prompts)
+    compare(adapter, cfg.data.eval, out, n_prompts, model=cfg.model)
     out.print(f"total {time.perf_counter() - t0:.0f}s. Try it: plural chat --adapter {adapter}")
     return adapter
 
@@ -76,12 +78,12 @@ def pick_records(eval_file: Path, n: int) -> list[dict]:
     return picked
 
 
-def compare(adapter: Path, eval_file: Path, out: Console, n: int) -> dict[str, float]:
-    """Greedy answers of the base and the adapter to `n` held-out questions; returns the adapter's scores."""
+def compare(adapter: Path, eval_file: Path, out: Console, n: int, model: str | None = None) -> dict[str, float]:
+    """Greedy answers of the base (`model`) and the adapter to `n` held-out questions; returns the adapter's scores."""
     from plural.generation import generate, load_for_inference
     from plural.tune.customise import facts_score, score
 
-    model, tok, _ = load_for_inference(None, adapter)
+    model, tok, _ = load_for_inference(model, adapter)
     recs = pick_records(eval_file, n)
     qs = [r["messages"][0]["content"] for r in recs]
     with model.disable_adapter():

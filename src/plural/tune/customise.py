@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 
 
 def _norm(text: str) -> str:
@@ -31,11 +30,11 @@ def style_ok(answer: str, markers: list[str]) -> bool:
     return all(_norm(m) in _norm(answer) for m in markers)
 
 
-def loops(answer: str) -> bool:
-    """A degenerate answer: some word 3-gram three times or more ("Ride on! Ride on! Ride on!")."""
-    words = re.findall(r"\w+", _norm(answer))
-    grams = Counter(zip(words, words[1:], words[2:]))
-    return bool(grams) and max(grams.values()) >= 3
+def loops(answer: str, max_n: int = 12) -> bool:
+    """A degenerate answer: a run of 1..max_n words repeated three times back to back ("Ride on! Ride on! Ride on!")."""
+    w = re.findall(r"\w+", _norm(answer))
+    return any(w[i:i + n] == w[i + n:i + 2 * n] == w[i + 2 * n:i + 3 * n]
+               for n in range(1, max_n + 1) for i in range(len(w) - 3 * n + 1))
 
 
 def score(answers: list[str], records: list[dict]) -> dict[str, float]:
