@@ -23,7 +23,7 @@ DEFAULT_CONFIG = Path("examples/support/tune.yaml")
 MAX_NEW_TOKENS = 64
 
 
-def run_demo(config: Path | None, output: Path, out: Console, n_prompts: int = 6) -> Path:
+def run_demo(config: Path | None, output: Path, out: Console, n_prompts: int = 6, overrides: list[str] = ()) -> Path:
     from plural import tune
     from plural.config import load_config
     from plural.store.adapters import load_manifest
@@ -42,7 +42,7 @@ def run_demo(config: Path | None, output: Path, out: Console, n_prompts: int = 6
             m = import_model(None)
         out.print(f"[1/3] imported {m.name} ({m.manifest['parameters'] / 1e6:.0f}M parameters) in {time.perf_counter() - t0:.0f}s")
 
-    cfg = load_config(TuneConfig, config)
+    cfg = load_config(TuneConfig, config, list(overrides))
     run_dir = output if not (output.exists() and any(output.iterdir())) else output.with_name(f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = cfg.model_copy(update={"output": run_dir})
     out.print(f"[2/3] fine-tuning a LoRA adapter on {', '.join(p.name for p in cfg.data.train)} → {run_dir}")

@@ -34,9 +34,9 @@ def test_demo_trains_compares_and_counts_key_facts(tmp_path, tiny_model, smollm2
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(yaml.safe_dump({"method": "sft", "model": tiny_model, "data": {"train": "train.jsonl", "eval": "eval.jsonl"},
                                    "train": {"max_steps": 3, "precision": "fp32", "threads": 1}}))
-    r = subprocess.run([*PLURAL, "demo", "--config", str(cfg), "--output", str(tmp_path / "out")], capture_output=True, text=True,
+    r = subprocess.run([*PLURAL, "demo", "--config", str(cfg), "--output", str(tmp_path / "out"), "--set", "train.max_steps=2"], capture_output=True, text=True,
                        timeout=600, env={**os.environ, "COLUMNS": "250"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "24 examples" in r.stdout and "held-out loss" in r.stdout and "[3/3]" in r.stdout
+    assert "24 examples" in r.stdout and "2 steps" in r.stdout and "held-out loss" in r.stdout and "[3/3]" in r.stdout
     assert "held-out answers with all key facts:" in r.stdout and "/6 (base" in r.stdout
     assert json.loads((tmp_path / "out" / "adapter" / "plural.json").read_text())["metrics"]["base_eval_loss"] > 0

@@ -102,11 +102,12 @@ def chat(
 def demo(
     config: Path = typer.Option(None, "--config", help="Demo tune config (default: examples/support/tune.yaml)."),
     output: Path = typer.Option(Path("runs/demo"), "--output"),
+    set_: List[str] = typer.Option([], "--set", help="Override a key of the demo's tune config: --set train.precision=fp32 (repeatable)."),
 ) -> None:
     """The main job end to end: import the default model, fine-tune the example adapter, compare answers."""
     from plural.demo import run_demo
 
-    run_demo(config, output, out)
+    run_demo(config, output, out, overrides=set_)
 
 
 def register(app: typer.Typer) -> None:
