@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from plural.errors import PluralError
+
 from plural.export.gguf_model import export_gguf
 from plural.export.source import open_source
 
@@ -61,6 +63,25 @@ def test_merged_f32_gguf_gives_plurals_greedy_tokens(families, adapters, tmp_pat
     assert differs, "the adapter should change the greedy tokens, or this test proves nothing"
 
 
+def test_pre_tokenizer_names_llama_cpp_knows(families):
+    """llama.cpp refuses a file whose tokenizer.ggml.pre it does not know (it loaded "gpt-2", refused "gpt2")."""
+    import json
+
+    from plural.export.gguf_model import pre_tokenizer
+    from plural.store.models import get_model
+
+    def name(model):
+        path = get_model(model).path / "tokenizer.json"
+        return pre_tokenizer(json.loads(path.read_text()), path)
+
+    assert name("tiny") == "gpt-2" and name(families["qwen2"]) == "qwen2"
+    smol = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                   {"type": "ByteLevel", "use_regex": True}]}}
+    assert pre_tokenizer(smol, "t.json") == "smollm"
+    with pytest.raises(PluralError, match="t.json: pre_tokenizer \\['Metaspace'\\]"):
+        pre_tokenizer({"pre_tokenizer": {"type": "Metaspace"}}, "t.json")
+
+
 def test_base_model_gguf_metadata(families, tmp_path):
     import gguf
 
@@ -74,7 +95,8 @@ def test_base_model_gguf_metadata(families, tmp_path):
     assert f["general.architecture"] == "qwen2" and f["general.type"] == "model"
     assert f["qwen2.block_count"] == 2 and f["qwen2.attention.head_count_kv"] == 2
     assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.eos_token_id"] == 2
-    assert f["tokenizer.ggml.pre"] == "gpt-2"  # llama.cpp's name; it refuses to load "gpt2" (an unknown pre-tokenizer)
+    # transformers stores the tiny Qwen2's tokenizer with Qwen2's split pattern; llama.cpp names it "qwen2"
+    assert f["tokenizer.ggml.pre"] == "qwen2"
     assert f["plural.base.fingerprint"] == get_model(families["qwen2"]).fingerprint and f["plural.method"] == "base"
     names = {t.name for t in r.tensors}
     assert "output.weight" in names and "blk.0.attn_q.bias" in names  # untied head, Qwen2's q/k/v biases
