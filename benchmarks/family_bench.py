@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--peft-requests", type=int, default=4, help="requests measured for sequential transformers + PEFT")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has fast bf16, else fp32), float32, bfloat16")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     args = ap.parse_args()
@@ -181,7 +182,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for r in runners:
                     runs[r].append(engine_tok_s(model, tok, adapters, r, dtype, args.requests))
-            seq = peft_sequential_tok_s(model, tok, adapters, dtype)
+            seq = peft_sequential_tok_s(model, tok, adapters, dtype, args.peft_requests)
         med = {r: statistics.median(v) for r, v in runs.items()}
         rows.append((family, params, med.get("fused"), med["generic"], seq))
         print(family, f"{params / 1e6:.0f}M", {r: [round(x, 1) for x in v] for r, v in runs.items()}, f"peft {seq:.1f}", flush=True)
