@@ -143,6 +143,7 @@ def engine_runs(msgs, repeats: int) -> dict:
 
 
 def main() -> None:
+    global NEW_TOKENS
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -150,7 +151,6 @@ def main() -> None:
                     help="http: plural serve and a streaming client; engine: the engine in-process")
     ap.add_argument("--tokens", type=int, default=NEW_TOKENS, help="new tokens per request (at most 128)")
     args = ap.parse_args()
-    global NEW_TOKENS
     NEW_TOKENS = min(args.tokens, 128)  # the schema cannot be complete before 128 tokens
     msgs = prompts(args.requests)
     msgs = [[{"role": "user", "content": m[0]["content"] + " Then list the items of the order as JSON."}] for m in msgs]
