@@ -10,8 +10,8 @@
    token ids (so only the weights and kernels differ, not the tokenizers). Reported: questions whose
    tokens are identical, and the mean share of the answer that agrees before the first difference.
 3. Bits per byte on the bundled multilingual text (examples/eval/multilingual.jsonl) with plural's
-   eval code (`plural.evaluate`), for each merged GGUF type read back by transformers (dequantised),
-   relative to f32. (llama.cpp's own kernels also round activations for q8_0/q4 matrix products, so
+   eval code (`plural.evaluate`), for each GGUF type read back by transformers (dequantised),
+   relative to f32: of the merged model when `--adapter` is given, else of the base itself. (llama.cpp's own kernels also round activations for q8_0/q4 matrix products, so
    its bits per byte can differ slightly from the dequantised weights' figure.)
 
 Without llama-cpp-python installed, steps 1 and 3 run and the llama.cpp rows say "not run".
@@ -168,14 +168,23 @@ def main() -> None:
     for t in TYPES:
         files[t] = work / f"merged-{t}.gguf"
         export_gguf(src, files[t], t, force=True)
+    # Bits per byte measure what quantisation costs the model: the merged model for a given (trained)
+    # adapter, the base itself when the adapter is the random stand-in (it would only measure noise).
+    bpb_files = {t: files[t] for t in TYPES}
+    if args.adapter is None:
+        for t in TYPES:
+            bpb_files[t] = files["base-f32"] if t == "f32" else work / f"base-{t}.gguf"
+            if t != "f32":
+                export_gguf(Source(base=src.base), bpb_files[t], t, force=True)
     export_s = time.perf_counter() - t0
+    n_files = len(set(files.values()) | set(bpb_files.values()))
     sizes = {k: p.stat().st_size / 1e6 for k, p in files.items()}
 
     tok = load_tokenizer(str(src.base.path))
     stop = {tok.eos_token_id, tok.convert_tokens_to_ids(end_of_turn(tok))}
     questions = [q for q, _ in pick_prompts(ROOT / "examples/support/eval.jsonl", args.questions)]
     prompts = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
-    print(f"exported {len(files)} files in {export_s:.0f} s", flush=True)
+    print(f"exported {n_files} files in {export_s:.0f} s", flush=True)
     ref = plural_answers(src.adapter, prompts, stop)
     print("plural's answers done", flush=True)
 
@@ -193,7 +202,7 @@ def main() -> None:
     bpb = {}
     for t in TYPES:
         name = f"export-bench-{t}"
-        import_model(files[t], name=name, overwrite=True)  # transformers dequantises the GGUF
+        import_model(bpb_files[t], name=name, overwrite=True)  # transformers dequantises the GGUF
         bpb[t] = bits_per_byte(name)
         print(t, "bits per byte", bpb[t], flush=True)
 
@@ -205,7 +214,7 @@ def main() -> None:
         f"on SmolLM2-135M-Instruct. {n} held-out questions of the demo (examples/support/eval.jsonl), greedy, "
         f"at most {NEW_TOKENS} new tokens, stopping at the end-of-turn token, the same prompt token ids for every engine, "
         f"llama.cpp with an f32 KV cache. "
-        f"Reference: plural (transformers + PEFT, fp32). Exporting all {len(files)} files took {export_s:.0f} s.",
+        f"Reference: plural (transformers + PEFT, fp32). Exporting all {n_files} files took {export_s:.0f} s.",
         "",
         "| llama.cpp on | file size | questions with identical tokens | answer agreeing before the first difference |",
         "|---|---|---|---|",
@@ -218,13 +227,14 @@ def main() -> None:
     lines += [
         "",
         "Bits per byte on the bundled multilingual text (examples/eval/multilingual.jsonl, plural's eval code), "
-        "merged model, each GGUF read back by transformers:",
+        f"{'the merged model' if args.adapter else 'SmolLM2-135M-Instruct itself (no adapter)'}, each GGUF written by "
+        "`plural export gguf` and read back by transformers (dequantised):",
         "",
         "| type | file size | bits per byte | change vs f32 |",
         "|---|---|---|---|",
     ]
     for t in TYPES:
-        lines.append(f"| {t} | {sizes[t]:.0f} MB | {bpb[t]:.4f} | {100 * (bpb[t] - bpb['f32']) / bpb['f32']:+.2f}% |")
+        lines.append(f"| {t} | {bpb_files[t].stat().st_size / 1e6:.0f} MB | {bpb[t]:.4f} | {100 * (bpb[t] - bpb['f32']) / bpb['f32']:+.2f}% |")
     lines += ["", f"Command: `PLURAL_HOME=… {command()}`. CPU flags: {cpu_flags()}."]
     body = "\n".join(lines)
     print(body)
