@@ -40,6 +40,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval", ["--suite", "missing.jsonl"], "missing.jsonl: no such file"),
     ("serve", ["--config", "bad.yaml"], "bad.yaml:2: not valid YAML"),
     ("serve", ["--host", "0.0.0.0"], "without API keys the server binds 127.0.0.1 only"),
+    ("console", ["--model", "nope"], "model 'nope' is not in the store"),
+    ("console", ["--config", "bad.yaml"], "bad.yaml:2: not valid YAML"),
     ("models add", ["four_bytes.gguf"], "four_bytes.gguf: damaged or truncated GGUF file"),
     ("models add", ["not_gguf.gguf"], "not_gguf.gguf: not a GGUF file"),
     ("models add", ["hf"], "hf/model.safetensors: damaged or truncated safetensors file"),

@@ -121,6 +121,15 @@ def test_fast_content_chunk_equals_the_pydantic_chunk():
         assert json.loads(fast[6:]) == json.loads(ref[6:])
 
 
+def _run_collecting(coro_fn, errors):
+    import asyncio
+
+    try:
+        asyncio.run(coro_fn())
+    except BaseException as e:  # reported to the test thread
+        errors.append(e)
+
+
 def test_mailbox_delivers_one_steps_events_in_order_with_one_wakeup():
     """The engine thread's events of one step reach the event loop in order, in one hand-over."""
     import asyncio
@@ -155,7 +164,13 @@ def test_mailbox_delivers_one_steps_events_in_order_with_one_wakeup():
         assert [b.get_nowait() for _ in range(3)] == [0, 2, 4]
         assert [a.get_nowait() for _ in range(3)] == [1, 3, 5]
 
-    asyncio.run(main())
+    # In a thread of its own: a test before this one (Playwright's sync API) may have left an event
+    # loop running on the main thread, where asyncio.run refuses to start another.
+    errors = []
+    t = threading.Thread(target=_run_collecting, args=(main, errors))
+    t.start()
+    t.join(30)
+    assert errors == [], errors
 
 
 def test_an_exception_in_one_sequence_fails_it_alone(tiny_engine, monkeypatch):
