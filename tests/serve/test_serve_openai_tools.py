@@ -82,17 +82,43 @@ def test_call_grammars(tok):
     assert not _accepts(g, with_format, "free text")
 
 
+def _stream(text: str, step: int) -> tuple[list, str]:
+    p, got = T.StreamParser(), []
+    for i in range(0, len(text), step):
+        got += p.push(text[i:i + step])
+    return got, p.finish()
+
+
 def test_parse_and_stream_parser():
-    text = 'Checking.<tool_call>{"name": "f", "arguments": {"q": "a </tool_call> b"}}</tool_call>'
+    text = ('Checking.<tool_call>\n{"name": "f", "arguments": {"q": "a </tool_call> \\" b}"}}\n</tool_call>\n'
+            '<tool_call>{"name": "g", "arguments": {"n": [1, {"x": 2}]}}</tool_call>')
     content, calls = T.parse(text)
     assert content == "Checking." and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
-        ("f", {"q": "a </tool_call> b"})]  # a closing tag inside a JSON string does not end the call
-    p, got = T.StreamParser(), []
-    for i in range(0, len(text), 3):  # any split of the text gives the same pieces
-        got += p.push(text[i:i + 3])
-    assert "".join(x for x in got if isinstance(x, str)) == "Checking." and p.finish() == ""
-    assert [x.function.name for x in got if not isinstance(x, str)] == ["f"]
+        ("f", {"q": 'a </tool_call> " b}'}), ("g", {"n": [1, {"x": 2}]})]  # a tag or brace inside a string is text
+    assert calls[0].function.arguments == '{"q": "a </tool_call> \\" b}"}'  # as the model wrote it
+    for step in (1, 3, 7, len(text)):  # any split of the text gives the same content and arguments
+        got, rest = _stream(text, step)
+        assert rest == "" and "".join(x for x in got if isinstance(x, str)) == "Checking."
+        starts = [x for x in got if isinstance(x, T.CallStart)]
+        assert [(x.index, x.name) for x in starts] == [(0, "f"), (1, "g")]
+        assert [x.index for x in got if isinstance(x, T.CallEnd)] == [0, 1]
+        for k, c in enumerate(calls):
+            assert "".join(x.text for x in got if isinstance(x, T.CallArgs) and x.index == k) == c.function.arguments
+        if step == 1:  # incremental: the name before any argument, the arguments in many pieces
+            first = next(j for j, x in enumerate(got) if isinstance(x, T.CallArgs))
+            assert got.index(starts[0]) < first and sum(isinstance(x, T.CallArgs) for x in got) > 20
     assert T.parse('<tool_call>{"name": "f", "argum') == ('<tool_call>{"name": "f", "argum', [])  # cut short: text
+    cut = 'Hm <tool_call>{"name": "f", "arguments": {"q": "ab'
+    assert T.parse(cut) == (cut, [])
+    got, rest = _stream(cut, 2)  # streamed: the call was started, its text is not sent again as content
+    p = T.StreamParser()
+    p.push(cut)
+    assert p.finish() == cut[3:] and p.unfinished == 0
+    # Another key order is read too, released whole when complete.
+    swapped = '<tool_call>{"arguments": {"a": 1}, "name": "h"}</tool_call>'
+    got, rest = _stream(swapped, 4)
+    assert [type(x).__name__ for x in got] == ["CallStart", "CallArgs", "CallEnd"] and got[1].text == '{"a": 1}'
+    assert T.parse('<tool_call>{"name": "f", "arguments": 5}</tool_call>')[1][0].function.arguments == "5"
 
 
 def client(srv) -> openai.OpenAI:
@@ -138,7 +164,8 @@ def test_streamed_tool_calls_assemble(oai_server):
     (a,), (b,) = whole.choices[0].message.tool_calls, final.choices[0].message.tool_calls
     assert (a.function.name, a.function.arguments) == (b.function.name, b.function.arguments)
     assert final.choices[0].finish_reason == "tool_calls"
-    # Raw chunks: spec-valid, calls indexed from 0, content never carries the call's text.
+    # Raw chunks: spec-valid, content never carries the call's text, and each call streams as OpenAI's
+    # do: a first delta with index, id, type, name and empty arguments, then argument pieces by index.
     import httpx
 
     body = {**kw, "stream": True, "n": 2, "parallel_tool_calls": False}
@@ -150,10 +177,12 @@ def test_streamed_tool_calls_assemble(oai_server):
             assert "<tool_call>" not in (ch["delta"].get("content") or "")
             calls[ch["index"]] += ch["delta"].get("tool_calls", [])
     for got in calls.values():
-        assert [t["index"] for t in got] == list(range(len(got))) and got
-        for t in got:
-            assert t["type"] == "function" and t["function"]["name"] == "get_weather"
-            json.loads(t["function"]["arguments"])
+        first, *rest = got
+        assert first == {"index": 0, "id": first["id"], "type": "function",
+                         "function": {"name": "get_weather", "arguments": ""}}
+        assert len(rest) > 3 and all(set(t) == {"index", "function"} and set(t["function"]) == {"arguments"}
+                                     and t["index"] == 0 for t in rest)
+        assert "".join(t["function"]["arguments"] for t in rest) == a.function.arguments
 
 
 def test_tool_requests_are_checked(oai_server):

@@ -419,16 +419,21 @@ class Serving:
                 if lp:
                     yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(), logprobs=lp)])
                 pieces = parsers[i].push(ev.text)
-                if ev.finish_reason and (rest := parsers[i].finish()):
-                    pieces.append(rest)
+                if ev.finish_reason and (rest := parsers[i].finish()) and parsers[i].unfinished is None:
+                    pieces.append(rest)  # (a call cut short after its start was sent stays a call)
                 for piece in pieces:
                     if isinstance(piece, str):
                         yield text_chunk(i, piece)
-                    else:
-                        call = P.ChunkToolCall(index=n_calls[i], id=piece.id, type="function", function=P.ChunkFunction(
-                            name=piece.function.name, arguments=piece.function.arguments))
+                        continue
+                    if isinstance(piece, T.CallStart):  # as OpenAI: id, type and name first, no arguments yet
                         n_calls[i] += 1
-                        yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(tool_calls=[call]))])
+                        call = P.ChunkToolCall(index=piece.index, id=piece.id, type="function",
+                                               function=P.ChunkFunction(name=piece.name, arguments=""))
+                    elif isinstance(piece, T.CallArgs):  # then pieces of the arguments, by index
+                        call = P.ChunkToolCall(index=piece.index, function=P.ChunkFunction(arguments=piece.text))
+                    else:
+                        continue  # CallEnd: nothing to send
+                    yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(tool_calls=[call]))])
             elif lp:
                 yield chunk([P.ChunkChoice(index=i, delta=P.ChunkDelta(content=ev.text), logprobs=lp)])
             elif ev.text:  # the common case, once per token per stream: no pydantic round trip

@@ -19,7 +19,9 @@ call is constrained.
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from dataclasses import dataclass
 
 from plural.serve import protocol as P
 from plural.serve.grammar import json_inline, lark_grammar
@@ -118,12 +120,38 @@ def grammar(req: P.ChatCompletionRequest, answer_schema: dict | None) -> str | N
 
 
 _DECODER = json.JSONDecoder()
+# A call as the grammar writes it: the name first, then the arguments (the schema's key order).
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+_TAIL = re.compile(r"\s*\}\s*" + re.escape(CLOSE))
 
 
-def _call_at(text: str, i: int) -> tuple[P.ToolCallOut | None, int]:
-    """text[i:] starts with OPEN: (the call, the index after its CLOSE), or (None, -1) when no
-    complete call is there yet. The JSON is read as JSON, so a "</tool_call>" inside a string
-    argument does not end the call."""
+@dataclass
+class CallStart:
+    """A call's opening: its index in the answer, id and function name (arguments follow)."""
+    index: int
+    id: str
+    name: str
+
+
+@dataclass
+class CallArgs:
+    """A piece of a call's `arguments` text; the pieces of one call concatenate to all of it."""
+    index: int
+    text: str
+
+
+@dataclass
+class CallEnd:
+    index: int
+
+
+Piece = str | CallStart | CallArgs | CallEnd
+
+
+def _call_at(text: str, i: int) -> tuple[tuple[str, str] | None, int]:
+    """text[i:] starts with OPEN: ((name, arguments as JSON text), the index after its CLOSE), or
+    (None, -1) when no complete call is there yet. The JSON is read as JSON, so a "</tool_call>"
+    inside a string argument does not end the call."""
     j = i + len(OPEN)
     while j < len(text) and text[j] in " \n":
         j += 1
@@ -136,56 +164,161 @@ def _call_at(text: str, i: int) -> tuple[P.ToolCallOut | None, int]:
     if not text.startswith(CLOSE, end) or not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None, -1
     args = obj.get("arguments", obj.get("parameters", {}))
-    call = P.ToolCallOut(id=f"call_{uuid.uuid4().hex[:24]}",
-                         function=P.FunctionCallOut(name=obj["name"], arguments=json.dumps(args, ensure_ascii=False)))
-    return call, end + len(CLOSE)
+    return (obj["name"], json.dumps(args, ensure_ascii=False)), end + len(CLOSE)
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def parse(text: str) -> tuple[str | None, list[P.ToolCallOut]]:
     """An answer -> (its content, its tool calls). Text that is not a complete call stays content."""
     p = StreamParser()
-    pieces = p.push(text) + [p.finish()]
-    calls = [x for x in pieces if isinstance(x, P.ToolCallOut)]
+    pieces = p.push(text)
+    rest = p.finish()
+    calls: dict[int, P.ToolCallOut] = {}
+    content = []
+    for x in pieces:
+        if isinstance(x, str):
+            content.append(x)
+        elif isinstance(x, CallStart):
+            calls[x.index] = P.ToolCallOut(id=x.id, function=P.FunctionCallOut(name=x.name, arguments=""))
+        elif isinstance(x, CallArgs):
+            calls[x.index].function.arguments += x.text
+    calls.pop(p.unfinished, None)  # cut short: its text (`rest`) stays content
     if not calls:
         return text, []
-    content = "".join(x for x in pieces if isinstance(x, str)).strip()
-    return content or None, calls
+    text = ("".join(content) + rest).strip()
+    return text or None, list(calls.values())
+
+
+class _Value:
+    """Where one JSON value ends, in text that arrives in pieces: strings (with escapes) and
+    nesting are tracked, so a brace or a "</tool_call>" inside a string does not end it."""
+
+    def __init__(self):
+        self.started = self.scalar = self.string = self.escape = self.done = False
+        self.depth = 0
+
+    def feed(self, text: str) -> tuple[int, str]:
+        """(how many characters of text were read, the ones that belong to the value)."""
+        value = []
+        for k, ch in enumerate(text):
+            if not self.started:
+                if ch.isspace():
+                    continue
+                self.started, self.scalar = True, ch not in '{["'
+            elif self.scalar and ch in ",}] \t\r\n":  # a number or literal ends before its delimiter
+                self.done = True
+                return k, "".join(value)
+            value.append(ch)
+            if self.string:
+                if self.escape:
+                    self.escape = False
+                elif ch == "\\":
+                    self.escape = True
+                elif ch == '"':
+                    self.string = False
+                    self.done = self.depth == 0
+            elif ch == '"':
+                self.string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                self.done = self.depth == 0
+            if self.done:
+                return k + 1, "".join(value)
+        return len(text), "".join(value)
 
 
 class StreamParser:
-    """Splits a streamed answer into content deltas and complete tool calls.
+    """Splits a streamed answer into content and tool-call pieces, as vLLM and OpenAI stream them.
 
-    Text that could be the start of "<tool_call>" is held back until it is known not to be; a call
-    is released whole when its closing tag arrives (one `tool_calls` delta carrying id, name and
-    all arguments, which the `openai` client and LangChain assemble like any other)."""
+    Text that could be the start of "<tool_call>" is held back until it is known not to be. Once a
+    call's name is read, a `CallStart` is released, then its `arguments` in `CallArgs` pieces as
+    they arrive, then `CallEnd` at the closing tag. A call written in another layout (its keys in
+    another order) is released whole once complete."""
 
     def __init__(self):
-        self.buf = ""
-        self.calls = 0
+        self.buf = ""  # text not handled yet
+        self.state = "text"  # text | head (after OPEN) | args (in the arguments) | tail (after them)
+        self.calls = 0  # calls started
+        self.raw = ""  # the current call's text so far, from OPEN
+        self.value: _Value | None = None
+        self.unfinished: int | None = None  # set by `finish`: the index of a started call left open
+        self.after_call = False
 
-    def push(self, text: str) -> list[str | P.ToolCallOut]:
+    def push(self, text: str) -> list[Piece]:
         self.buf += text
-        out: list[str | P.ToolCallOut] = []
-        while self.buf:
-            i = self.buf.find(OPEN)
-            if i < 0:
-                keep = _partial_suffix(self.buf, OPEN)
-                out.append(self.buf[:len(self.buf) - keep])
-                self.buf = self.buf[len(self.buf) - keep:]
-                break
-            out.append(self.buf[:i])
-            self.buf = self.buf[i:]
-            call, end = _call_at(self.buf, 0)
-            if call is None:
-                break  # not complete yet (or never: `finish` then returns it as text)
-            out.append(call)
-            self.calls += 1
-            self.buf = self.buf[end:].lstrip("\n")
+        out: list[Piece] = []
+        while getattr(self, "_" + self.state)(out):
+            pass
         return [x for x in out if not isinstance(x, str) or x]
 
+    def _text(self, out: list[Piece]) -> bool:
+        if self.after_call:  # the newlines between calls are layout, not content
+            self.buf = self.buf.lstrip("\n")
+            self.after_call = not self.buf
+        i = self.buf.find(OPEN)
+        if i < 0:
+            keep = _partial_suffix(self.buf, OPEN)
+            out.append(self.buf[:len(self.buf) - keep])
+            self.buf = self.buf[len(self.buf) - keep:]
+            return False
+        out.append(self.buf[:i])
+        self.raw, self.buf, self.state = OPEN, self.buf[i + len(OPEN):], "head"
+        return True
+
+    def _head(self, out: list[Piece]) -> bool:
+        m = _HEAD.match(self.buf)
+        if m is not None:
+            out.append(CallStart(self.calls, new_call_id(), json.loads(m.group(1))))
+            self.raw += self.buf[:m.end()]
+            self.buf, self.state, self.value = self.buf[m.end():], "args", _Value()
+            return True
+        whole, end = _call_at(OPEN + self.buf, 0)
+        if whole is None:
+            return False  # not complete yet (or never: `finish` then returns it as text)
+        out += [CallStart(self.calls, new_call_id(), whole[0]), CallArgs(self.calls, whole[1]), CallEnd(self.calls)]
+        self._closed(end - len(OPEN))
+        return True
+
+    def _args(self, out: list[Piece]) -> bool:
+        n, value = self.value.feed(self.buf)
+        if value:
+            out.append(CallArgs(self.calls, value))
+        self.raw += self.buf[:n]
+        self.buf = self.buf[n:]
+        if self.value.done:
+            self.state = "tail"
+        return self.value.done
+
+    def _tail(self, out: list[Piece]) -> bool:
+        m = _TAIL.match(self.buf)
+        if m is None:
+            rest = self.buf.lstrip()
+            if not rest or (rest[0] == "}" and CLOSE.startswith(rest[1:].lstrip())):
+                return False  # the closing may still come
+            # Something else after the arguments (only possible without a grammar): the call ends here.
+            out.append(CallEnd(self.calls))
+            self.calls += 1
+            self.raw, self.state = "", "text"
+            return True
+        out.append(CallEnd(self.calls))
+        self._closed(m.end())
+        return True
+
+    def _closed(self, end: int) -> None:
+        self.calls += 1
+        self.buf, self.raw, self.state, self.after_call = self.buf[end:], "", "text", True
+
     def finish(self) -> str:
-        """What is left when the answer ends (an unfinished call stays text)."""
-        rest, self.buf = self.buf, ""
+        """The text left when the answer ends: a held-back tag prefix, or an unfinished call's text
+        (`unfinished` then names the call if its start was already released)."""
+        self.unfinished = self.calls if self.state in ("args", "tail") else None
+        rest = (self.raw if self.state != "text" else "") + self.buf
+        self.buf, self.raw, self.state = "", "", "text"
         return rest
 
 
