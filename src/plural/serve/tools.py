@@ -12,8 +12,9 @@ section (`TOOLS_PROMPT`), earlier calls rendered in the format above and tool re
 turns wrapped in <tool_response>. Either way the model's answer is constrained by a grammar: with
 `tool_choice` "required" or a named function, to one or more calls (one with
 `parallel_tool_calls: false`) whose arguments follow the function's JSON schema; with "auto", to
-either plain text that contains no call, or calls as above — so once the model starts a call, the
-call is constrained.
+free text, optionally followed by calls as above: the text is unconstrained until the model writes
+the opening tag, and from there the call is. Text before the first call is the message's content.
+Streamed, a call goes out as OpenAI's and vLLM's do: its name first, then pieces of its arguments.
 """
 
 from __future__ import annotations
@@ -107,16 +108,20 @@ def grammar(req: P.ChatCompletionRequest, answer_schema: dict | None) -> str | N
     if mode == "named":
         funcs = [f for f in funcs if f.name == req.tool_choice.function.name]
     rules = [f"fn{i}: {json_inline(call_schema(f))}" for i, f in enumerate(funcs)]
-    call = f'call: "{OPEN}" "\\n"? ({" | ".join(f"fn{i}" for i in range(len(funcs)))}) "\\n"? "{CLOSE}"'
-    calls = 'calls: call ("\\n"? call)*' if req.parallel_tool_calls is not False else "calls: call"
-    if mode == "auto":
-        if answer_schema is not None:
-            head = ["start: answer | calls", f"answer: {json_inline(answer_schema)}"]
-        else:  # free text that does not contain a call, or calls
-            head = ["start: TEXT | calls", "TEXT: /(.|\\n)*/ & ~/(.|\\n)*<tool_call>(.|\\n)*/"]
+    body = f'body: "\\n"? ({" | ".join(f"fn{i}" for i in range(len(funcs)))}) "\\n"? "{CLOSE}"'
+    more = '("\\n"? call)*' if req.parallel_tool_calls is not False else ""
+    lines = [f'call: "{OPEN}" body', body, *rules]
+    if mode != "auto":
+        head = [f"start: call {more}"]
+    elif answer_schema is not None:  # that JSON document, or calls
+        head = [f"start: answer | call {more}", f"answer: {json_inline(answer_schema)}"]
     else:
-        head = ["start: calls"]
-    return lark_grammar("\n".join([*head, calls, call, *rules]) + "\n")
+        # Free text that contains no call, or free text up to the first OPEN and then calls.
+        # `opening` is a lazy lexeme (llguidance's syntax.md, "Tool calling"): it ends at the first
+        # OPEN the model writes, so from there on the call is constrained; until then nothing is.
+        head = [f"start: TEXT | opening body {more}", f'opening[lazy]: ANY "{OPEN}"', "ANY: /(.|\\n)*/",
+                f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{OPEN}(.|\\n)*/"]
+    return lark_grammar("\n".join([*head, *lines]) + "\n")
 
 
 _DECODER = json.JSONDecoder()
@@ -188,8 +193,9 @@ def parse(text: str) -> tuple[str | None, list[P.ToolCallOut]]:
     calls.pop(p.unfinished, None)  # cut short: its text (`rest`) stays content
     if not calls:
         return text, []
-    text = ("".join(content) + rest).strip()
-    return text or None, list(calls.values())
+    # The content as the stream sends it: whitespace before a tag and between calls is layout.
+    text = "".join(content) + rest
+    return text if text.strip() else None, list(calls.values())
 
 
 class _Value:
@@ -262,11 +268,14 @@ class StreamParser:
             self.after_call = not self.buf
         i = self.buf.find(OPEN)
         if i < 0:
-            keep = _partial_suffix(self.buf, OPEN)
-            out.append(self.buf[:len(self.buf) - keep])
-            self.buf = self.buf[len(self.buf) - keep:]
+            # Held back: what may be the start of the tag, and the whitespace before it (layout if a
+            # tag follows, content if not).
+            n = len(self.buf) - _partial_suffix(self.buf, OPEN)
+            n = len(self.buf[:n].rstrip())
+            out.append(self.buf[:n])
+            self.buf = self.buf[n:]
             return False
-        out.append(self.buf[:i])
+        out.append(self.buf[:i].rstrip())
         self.raw, self.buf, self.state = OPEN, self.buf[i + len(OPEN):], "head"
         return True
 
