@@ -298,6 +298,23 @@ class FusedRunner:
         h = self._layers(x, cos, sin, lora, attend)
         return self._logits(h[:, 0])
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
+        """Log-probabilities [T, V] float32 of the next token after each position of one prompt ids [T],
+        with adapter slot `slot` (0 = none), for `echo` with `logprobs`. Writes no KV row."""
+        T = ids.shape[0]
+        lora = self._gather([slot], keep=False)
+        cos, sin = self.cos[:T][None, :, None], self.sin[:T][None, :, None]
+        i_, j_ = torch.arange(T, device=self.device)[:, None], torch.arange(T, device=self.device)[None]
+        masks = {w_: ((j_ <= i_) & (j_ > i_ - w_))[None, None] for w_ in set(self.windows) if w_ is not None}
+
+        def attend(i, q, k, v):
+            w_ = self.windows[i]
+            return self._attention(q, k, v, masks[w_] if w_ is not None else None, is_causal=True)
+
+        h = self._layers(self._embed(ids[None]), cos, sin, lora, attend)
+        return torch.log_softmax(self._logits(h[0]), -1)
+
 
 def supports(config) -> bool:
     try:

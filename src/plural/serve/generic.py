@@ -255,6 +255,14 @@ class GenericRunner:
         return h.sum(1) / lengths[:, None].float()
 
     @torch.inference_mode()
+    def prompt_logprobs(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
+        """Log-probabilities [T, V] float32 of the next token after each position of one prompt ids [T],
+        with adapter slot `slot`: the model's own forward (and head) over all positions, no KV cache."""
+        self._set_slots([slot])
+        logits = self.model(input_ids=ids[None], use_cache=False).logits[0].float()
+        return torch.log_softmax(logits, -1)
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """One token for each of KV rows 0..n-1 at positions pos [n] (rows with no sequence: token 0, position 0)."""
         n = tokens.shape[0]

@@ -45,6 +45,10 @@ class Runner(Protocol):
     # /v1/embeddings: mean-pooled last hidden state of right-padded prompts [n, T] -> [n, hidden] float32.
     def embeddings(self, ids: torch.Tensor, lengths: torch.Tensor, slots: list[int]) -> torch.Tensor: ...
 
+    # `echo` with `logprobs`: log-softmax [T, V] float32 at every position of one prompt ids [T] under
+    # adapter slot `slot`; row t is the distribution of token t + 1. Writes no KV row.
+    def prompt_logprobs(self, ids: torch.Tensor, slot: int) -> torch.Tensor: ...
+
 
 RUNNERS = ("auto", "fused", "generic")
 
