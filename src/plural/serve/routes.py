@@ -116,14 +116,17 @@ async def completions(req: P.CompletionRequest, request: Request, t: Tenant = De
         return await state.upstream.proxy(request, t, "/v1/completions", state.system_prompts)
     check_model(state, t, req.model, request)
     serving = state.serving
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo: not supported together with logprobs (prompt logprobs are not computed)", param="echo")
     prompts = await serving.completion_prompts(req)
+    # echo with logprobs: the prompt's own logprobs, computed before its completion starts (an
+    # error there is a plain error response, not a broken stream).
+    echo_lps = await serving.prompt_logprobs(req.model, prompts, req.logprobs) if req.echo and req.logprobs is not None \
+        else None
     job = serving.submit(req.model, prompts, req, req.max_tokens, req.logprobs, request.state.request_id)
     if req.echo:  # the prompt as sent (token-id prompts decoded), once per choice
         texts = [req.prompt] if isinstance(req.prompt, str) else (
             [state.tokenizer.decode(req.prompt)] if isinstance(req.prompt[0], int) else list(req.prompt))
         job.echo = [texts[k // req.n] for k in range(len(job.seqs))]
+        job.echo_logprobs = [echo_lps[k // req.n] for k in range(len(job.seqs))] if echo_lps is not None else None
     return await respond(request, job, serving.completion, serving.stream_completion, req)
 
 

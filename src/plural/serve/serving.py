@@ -14,6 +14,7 @@ from plural.serve import tools as T
 from plural.serve.engine import EngineStopped, Event, QueueFull, Sequence
 from plural.serve.grammar import COMPILE_SECONDS, GrammarError, Grammars, json_schema_grammar
 from plural.serve.sampler import SamplingParams
+from plural.serve.sequence import TokenLogprob
 
 
 class APIError(Exception):
@@ -45,6 +46,7 @@ class Job:
     model: str
     status: int = 200  # what the request ended with: a stream that failed midway counts as its error
     echo: list[str] | None = None  # per sequence, the prompt text that `echo` puts before the completion
+    echo_logprobs: list[list] | None = None  # per sequence, its prompt tokens' logprobs (`echo` with `logprobs`)
 
 class Mailbox:
     """Hands the engine thread's events to the event loop, one wake-up per engine step.
@@ -247,10 +249,49 @@ class Serving:
         return out
 
     async def embed(self, model: str, inputs: list[list[int]]):
-        """Unit-length mean-pooled last hidden states [len(inputs), hidden] of the base or an adapter,
-        computed on the engine thread between steps (it owns the model)."""
+        """Unit-length mean-pooled last hidden states [len(inputs), hidden] of the base or an adapter."""
         import torch
 
+        eng = self.state.engine
+
+        def run(slot: int):
+            out = []
+            for k in range(0, len(inputs), eng.runner.rows):
+                part = inputs[k:k + eng.runner.rows]
+                lengths = [len(x) for x in part]
+                ids = torch.zeros(len(part), max(lengths), dtype=torch.long)
+                for r, x in enumerate(part):
+                    ids[r, :len(x)] = torch.tensor(x)
+                out.append(eng.runner.embeddings(ids.to(eng.device), torch.tensor(lengths, device=eng.device),
+                                                 [slot] * len(part)).cpu())
+            return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+        return await self._on_engine(model, run)
+
+    async def prompt_logprobs(self, model: str, prompts: list[list[int]], k: int) -> list[list[TokenLogprob | None]]:
+        """Per prompt, each token's logprob under the model (and the top k there); None for the first
+        token, which has nothing before it (as vLLM and OpenAI's legacy completions answer)."""
+        import torch
+
+        eng = self.state.engine
+
+        def run(slot: int):
+            out = []
+            for ids in prompts:
+                lp = eng.runner.prompt_logprobs(torch.tensor(ids, device=eng.device), slot)[:-1].cpu()  # [T-1, V]
+                nxt = torch.tensor(ids[1:])
+                chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+                top = lp.topk(k, -1) if k else None
+                out.append([None] + [TokenLogprob(t, v, list(zip(top.indices[j].tolist(), top.values[j].tolist()))
+                                                  if top is not None else [])
+                                     for j, (t, v) in enumerate(zip(ids[1:], chosen))])
+            return out
+
+        return await self._on_engine(model, run)
+
+    async def _on_engine(self, model: str, fn):
+        """fn(adapter slot) on the engine thread between steps (it owns the model and the slots), once
+        the request's adapter is resident; its slot is held while fn runs."""
         eng = self.state.engine
         adapter = eng.adapters.get(model) if model != self.state.base_id else None
 
@@ -262,17 +303,7 @@ class Serving:
                     return None  # its load has started (or waits for a slot): ask again after a step
                 eng.cache.acquire(adapter)
             try:
-                out = []
-                for k in range(0, len(inputs), eng.runner.rows):
-                    part = inputs[k:k + eng.runner.rows]
-                    lengths = [len(x) for x in part]
-                    ids = torch.zeros(len(part), max(lengths), dtype=torch.long)
-                    for r, x in enumerate(part):
-                        ids[r, :len(x)] = torch.tensor(x)
-                    slot = 0 if adapter is None else adapter.slot
-                    out.append(eng.runner.embeddings(ids.to(eng.device), torch.tensor(lengths, device=eng.device),
-                                                [slot] * len(part)).cpu())
-                return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+                return fn(0 if adapter is None else adapter.slot)
             finally:
                 if adapter is not None:
                     eng.cache.release(adapter)
@@ -338,16 +369,28 @@ class Serving:
             P.TokenLogprobOut(**one(lp.token_id, lp.logprob).model_dump(), top_logprobs=[one(t, v) for t, v in lp.top])
             for lp in lps if lp is not None])
 
-    def completion_logprobs(self, lps, offset: int) -> P.CompletionLogprobs:
+    def completion_logprobs(self, lps, offset: int, first_id: int | None = None) -> P.CompletionLogprobs:
+        """lps: TokenLogprob per token; None for an echoed prompt's first token, whose id is first_id."""
         tokens, values, tops, offsets = [], [], [], []
         for lp in lps:
-            s = self.token_str(lp.token_id)
+            s = self.token_str(lp.token_id if lp is not None else first_id)
             tokens.append(s)
-            values.append(lp.logprob)
-            tops.append({self.token_str(t): v for t, v in lp.top})
+            values.append(lp.logprob if lp is not None else None)
+            tops.append({self.token_str(t): v for t, v in lp.top} if lp is not None else None)
             offsets.append(offset)
             offset += len(s)
         return P.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+    def choice_logprobs(self, job: Job, i: int, lps, offset: int) -> P.CompletionLogprobs:
+        """A completion choice's logprobs: its echoed prompt's tokens first, if any, then the completion's
+        (text offsets count from the start of the choice's text, the echoed prompt included)."""
+        out = self.completion_logprobs(lps, offset)
+        if job.echo_logprobs is None:
+            return out
+        head = self.completion_logprobs(job.echo_logprobs[i], 0, job.seqs[i].prompt_ids[0])
+        return P.CompletionLogprobs(tokens=head.tokens + out.tokens, token_logprobs=head.token_logprobs + out.token_logprobs,
+                                    top_logprobs=head.top_logprobs + out.top_logprobs,
+                                    text_offset=head.text_offset + out.text_offset)
 
     async def chat(self, req: P.ChatCompletionRequest, job: Job) -> P.ChatCompletion:
         texts = [""] * len(job.seqs)
@@ -378,10 +421,12 @@ class Serving:
             lps[i].extend(ev.logprobs)
             if ev.finish_reason:
                 finish[i], done_tokens[i] = ev.finish_reason, ev.completion_tokens
+        start = [len(e) for e in job.echo] if req.echo else [0] * len(job.seqs)  # where each completion begins
         if req.echo:
             texts = [e + t for e, t in zip(job.echo, texts)]
         choices = [P.CompletionChoice(index=i, text=texts[i], finish_reason=finish[i],
-                                      logprobs=self.completion_logprobs(lps[i], 0) if req.logprobs is not None else None)
+                                      logprobs=self.choice_logprobs(job, i, lps[i], start[i])
+                                      if req.logprobs is not None else None)
                    for i in range(len(job.seqs))]
         return P.Completion(model=req.model, choices=choices, usage=self._usage(job, done_tokens))
 
@@ -450,11 +495,13 @@ class Serving:
         base = dict(id=P._id("cmpl"), created=int(time.time()), model=req.model)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         done_tokens = [0] * len(job.seqs)
-        offsets = [0] * len(job.seqs)
-        if req.echo:  # the prompt first, as its own chunk per choice
+        offsets = [0] * len(job.seqs)  # of each choice's next text, from the start of its echoed prompt
+        if req.echo:  # the prompt first, as its own chunk per choice (with its tokens' logprobs if asked)
             for i, text in enumerate(job.echo):
-                yield _sse(P.Completion(**base, choices=[P.CompletionChoice(index=i, text=text,
+                lp = self.choice_logprobs(job, i, [], 0) if job.echo_logprobs is not None else None
+                yield _sse(P.Completion(**base, choices=[P.CompletionChoice(index=i, text=text, logprobs=lp,
                                                                             finish_reason=None)]).model_dump())
+                offsets[i] = len(text)
         async for i, ev in _with_errors(self.events(job)):
             if isinstance(ev, APIError):
                 job.status = ev.status
