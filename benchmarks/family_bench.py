@@ -11,8 +11,8 @@ i mod 16, in plural's engine in-process (no HTTP: the runners are what differ). 
   4 requests, its tok/s does not depend on the count).
 
 Targets (issue 12): each fused family within 15% of Llama's tok/s at equal parameter count; the
-generic runner at least 3x sequential transformers + PEFT. Median of `--repeats` runs, runners
-alternating within each repeat.
+generic runner at least 3x sequential transformers + PEFT. Median of `--repeats` runs, families and
+runners alternating within each repeat.
 
     python benchmarks/family_bench.py [--families llama,mistral,qwen2,qwen3,gemma2,phi3] [--repeats 3]
 """
@@ -171,21 +171,30 @@ def main() -> None:
         tok_path = import_model(None).path
     tok = AutoTokenizer.from_pretrained(tok_path)
     dtype = pick_dtype(args.dtype, torch.device("cpu"))
-    rows = []
-    for family in args.families.split(","):
-        model = build(family)
-        params = sum(p.numel() for p in model.parameters())
-        with tempfile.TemporaryDirectory() as d:
-            adapters = adapter_weights(model, Path(d))
-            runners = (["fused"] if supports(model.config) else []) + ["generic"]
-            runs = {r: [] for r in runners}
-            for _ in range(args.repeats):
+    families = args.families.split(",")
+    with tempfile.TemporaryDirectory() as d:
+        built = {}
+        for family in families:
+            model = build(family)
+            built[family] = (model, adapter_weights(model, Path(d) / family),
+                             (["fused"] if supports(model.config) else []) + ["generic"])
+        # Families and runners alternate within each repeat, so a change in the machine's load during
+        # the run moves every family's figure alike and the ratios to Llama stay comparable.
+        runs = {f: {r: [] for r in built[f][2]} for f in families}
+        for _ in range(args.repeats):
+            for family in families:
+                model, adapters, runners = built[family]
                 for r in runners:
-                    runs[r].append(engine_tok_s(model, tok, adapters, r, dtype, args.requests))
+                    runs[family][r].append(engine_tok_s(model, tok, adapters, r, dtype, args.requests))
+        rows = []
+        for family in families:
+            model, adapters, _ = built[family]
             seq = peft_sequential_tok_s(model, tok, adapters, dtype, args.peft_requests)
-        med = {r: statistics.median(v) for r, v in runs.items()}
-        rows.append((family, params, med.get("fused"), med["generic"], seq))
-        print(family, f"{params / 1e6:.0f}M", {r: [round(x, 1) for x in v] for r, v in runs.items()}, f"peft {seq:.1f}", flush=True)
+            params = sum(p.numel() for p in model.parameters())
+            med = {r: statistics.median(v) for r, v in runs[family].items()}
+            rows.append((family, params, med.get("fused"), med["generic"], seq))
+            print(family, f"{params / 1e6:.0f}M", {r: [round(x, 1) for x in v] for r, v in runs[family].items()},
+                  f"peft {seq:.1f}", flush=True)
     llama = next((r[2] for r in rows if r[0] == "llama"), None)
     lines = [
         f"`{command()}` — dtype {str(dtype).removeprefix('torch.')}; {ADAPTERS} adapters, {CONCURRENCY} concurrent, "
