@@ -42,17 +42,12 @@ def machine() -> str:
 
 
 def cpu_flags() -> list[str]:
-    """The vector and matrix extensions that decide which kernels run: AVX2, AVX-512 (+BF16), AMX."""
-    try:
-        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    have = set(line.split(":", 1)[1].split())
-    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX-BF16"}
-    out = [label for flag, label in names.items() if flag in have]
-    # ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA cap the kernels torch uses below what the CPU has.
-    caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
-    return out + (["kernels capped: " + " ".join(caps)] if caps else [])
+    """The vector and matrix extensions that decide which kernels run (AVX2, AVX-512 (+BF16), AMX),
+    the kind plural picks its kernels for, and any cap on torch's kernels (plural.cpu)."""
+    from plural.cpu import cpu_info
+
+    c = cpu_info()
+    return c.flags + [f"kernels for {c.kind}"] + (["capped: " + " ".join(c.caps)] if c.caps else [])
 
 
 def command() -> str:

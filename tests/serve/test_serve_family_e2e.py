@@ -68,6 +68,10 @@ def test_import_tune_serve(store, family, runner, tmp_path):
 
         health = httpx.get(srv.url + "/health").json()
         assert health["runner"] == runner and health["family"] == family
+        # the dtype actually computed in, and the CPU kind the kernels were chosen for (issue 19)
+        from plural.cpu import cpu_info
+
+        assert health["dtype"] == "float32" and health["cpu"] == cpu_info().kind
         r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
                        json={"model": "ft", "messages": msgs, "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text

@@ -75,13 +75,16 @@ def serve(
     # (HTTP, tokenising) keeps one intra-op thread from the start; the engine thread gets the rest.
     import torch
 
+    from plural.cpu import cpu_info
+
     settings = settings.model_copy(update={"threads": settings.threads or torch.get_num_threads()})
     torch.set_num_threads(1)
     app = create_app(settings)
     eng = app.state.server.engine
     err.print(f"[green]serving[/] {app.state.server.base_id} + {len(eng.adapters)} adapter(s) "
               f"on http://{settings.host}:{settings.port}/v1 (runner: {eng.runner.describe()}, "
-              f"{str(eng.dtype).removeprefix('torch.')}{', int4' if settings.quantize == 'int4' else ''}); "
+              f"{str(eng.dtype).removeprefix('torch.')}{', int4' if settings.quantize == 'int4' else ''}, "
+              f"CPU kernels {cpu_info().describe()}); "
               f"console: http://{settings.host}:{settings.port}/console", highlight=False)
     # The drain is plural's (serve.lifecycle); uvicorn's graceful timeout only bounds the last writes.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)

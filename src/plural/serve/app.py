@@ -36,7 +36,9 @@ def pick_dtype(name: str, device):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # bf16 matmuls are fast only where the CPU has native bf16 (AVX512-BF16 / AMX); else fp32.
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    from plural.cpu import cpu_info
+
+    return torch.bfloat16 if cpu_info().fast_bf16 else torch.float32
 
 
 def build_state(settings: ServeSettings) -> ServerState:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import logging
 
+from plural.cpu import cpu_info
 from plural.errors import PluralError
 from plural.serve import protocol as P
 from plural.serve.engine import EngineStopped
@@ -184,7 +185,8 @@ async def health(request: Request):
         body, code = request.app.state.server.upstream.health()
         return JSONResponse(body, status_code=code)
     return {"status": "ok", "running": eng.running(), "waiting": eng.queue_depth(),
-            "runner": eng.runner.kind, "family": eng.runner.family, "dtype": str(eng.dtype).removeprefix("torch.")}
+            "runner": eng.runner.kind, "family": eng.runner.family, "dtype": str(eng.dtype).removeprefix("torch."),
+            "cpu": cpu_info().kind}
 
 
 @router.get("/metrics")

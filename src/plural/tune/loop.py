@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plural.cpu import cpu_info
 from plural.data.chat import IGNORE
 from plural.data.packing import Row, collate
 from plural.errors import PluralError
@@ -89,20 +90,11 @@ def pick_device(pref: str) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_bf16() -> bool:
-    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX; elsewhere they are emulated (slow)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None means plain fp32. `auto` picks bf16 where the hardware runs it natively."""
     if precision == "fp32":
         return None
-    ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_info().fast_bf16
     if precision == "bf16":
         if device.type == "cuda" and not ok:
             raise PluralError("train.precision: bf16 is not supported on this GPU; use fp32 or auto")
