@@ -94,7 +94,8 @@ def engine_tok_s(model, tok, adapters, runner: str, dtype, n_requests: int) -> f
     from plural.serve.registry import make_adapter
 
     eng = Engine(copy.deepcopy(model), tok, max_batch=CONCURRENCY, max_len=512, max_queue=64, max_loras=ADAPTERS,
-                 max_lora_rank=8, cache_bytes=1 << 30, dtype=dtype, device=torch.device("cpu"), runner=runner)
+                 max_lora_rank=8, cache_bytes=1 << 30, dtype=dtype, device=torch.device("cpu"), runner=runner,
+                 threads=os.cpu_count() or 1)
     for i, p in enumerate(adapters):
         eng.add_adapter(make_adapter(f"a{i:02d}", p, None, eng.runner, 8))
     eng.start()
@@ -164,7 +165,10 @@ def main() -> None:
     from plural.serve.fused import supports
     from plural.store.models import get_model, import_model
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    # As `plural serve` does (cli/serve.py): the main thread stays at one intra-op thread, the engine
+    # thread has them all. Once the main thread has run a multi-threaded OpenMP region, the engine
+    # thread's run slower (libgomp; docs/serving.md "Threads"), which would slow every runner here.
+    torch.set_num_threads(1)
     try:
         tok_path = get_model("smollm2-135m-instruct").path
     except Exception:
@@ -187,6 +191,7 @@ def main() -> None:
                 for r in runners:
                     runs[family][r].append(engine_tok_s(model, tok, adapters, r, dtype, args.requests))
         rows = []
+        torch.set_num_threads(os.cpu_count() or 1)  # transformers + PEFT runs on the main thread
         for family in families:
             model, adapters, _ = built[family]
             seq = peft_sequential_tok_s(model, tok, adapters, dtype, args.peft_requests)

@@ -14,8 +14,8 @@ from plural.serve.scheduler import EngineStopped, QueueFull, Scheduler
 from plural.serve.sequence import Sequence
 
 
-def seq(adapter=None):
-    return Sequence("m", adapter, [1, 2, 3], SamplingParams(max_tokens=4), lambda ev: None)
+def seq(adapter=None, prompt=3):
+    return Sequence("m", adapter, list(range(1, prompt + 1)), SamplingParams(max_tokens=4), lambda ev: None)
 
 
 def test_rows_are_handed_out_lowest_first_and_reused():
@@ -41,6 +41,23 @@ def test_admission_keeps_arrival_order_and_skips_the_unready():
     got = s.admit(lambda q: asked.append(q) or q.adapter is None)
     assert got == [x, y] and list(s.waiting) == [blocked, z]
     assert z not in asked  # no row was free for it: its adapter was never asked for
+
+
+def test_prefill_token_budget_admits_a_burst_in_groups_in_arrival_order():
+    s = Scheduler(rows=8, max_queue=8, prefill_tokens=10)
+    a, b, c, d, e = seq(prompt=4), seq(prompt=5), seq(prompt=3), seq(prompt=1), seq(prompt=12)
+    s.submit([a, b, c, d, e])
+    s.take_inbox()
+    asked = []
+    assert s.admit(lambda q: asked.append(q) or True) == [a, b]  # 9 tokens; c (3 more) would pass 10
+    assert asked == [a, b]  # nothing past the budget holds an adapter
+    assert list(s.waiting) == [c, d, e]  # d (1 token) would fit, but does not overtake c
+    assert s.admit(lambda q: True) == [c, d]
+    assert s.admit(lambda q: True) == [e]  # longer than the whole budget: prefilled alone
+    unbounded = Scheduler(rows=8, max_queue=8)
+    unbounded.submit([seq(prompt=50) for _ in range(5)])
+    unbounded.take_inbox()
+    assert len(unbounded.admit(lambda q: True)) == 5
 
 
 def test_queue_full_and_stopping_refuse_the_whole_request():

@@ -65,7 +65,7 @@ def build_state(settings: ServeSettings) -> ServerState:
                     max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
                     cache_bytes=int(settings.adapter_cache_mb * 2**20), dtype=pick_dtype(settings.dtype, device),
                     device=device, threads=settings.threads, metrics=metrics, quantize=settings.quantize,
-                    runner=settings.runner)
+                    runner=settings.runner, max_prefill_tokens=settings.max_prefill_tokens)
     roots = [adapters_dir(), *(Path(d) for d in settings.adapter_dirs)]
     info: dict[str, dict] = {}
 

@@ -47,7 +47,8 @@ log = logging.getLogger("plural.serve")
 class Engine:
     def __init__(self, hf_model, tokenizer, *, max_batch: int, max_len: int, max_queue: int, max_loras: int,
                  max_lora_rank: int, cache_bytes: int, dtype: torch.dtype, device: torch.device,
-                 threads: int | None = None, metrics=None, quantize: str = "none", runner: str = "auto"):
+                 threads: int | None = None, metrics=None, quantize: str = "none", runner: str = "auto",
+                 max_prefill_tokens: int = 0):
         self.tok = tokenizer
         self.device = device
         self.max_len, self.max_queue, self.cache_bytes = max_len, max_queue, cache_bytes
@@ -57,7 +58,7 @@ class Engine:
         self.dtype = dtype
         self.threads = threads
         self.metrics = metrics
-        self.sched = Scheduler(max_batch, max_queue)
+        self.sched = Scheduler(max_batch, max_queue, max_prefill_tokens or None)
         self.cache = AdapterCache(self.runner, max_loras, cache_bytes, on_loaded=self._loaded)
         self.adapters: dict[str, Adapter] = {}  # model id -> adapter; changed on the engine thread only
         self.commands: deque[tuple[Callable[[], object], Future]] = deque()

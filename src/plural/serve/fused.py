@@ -63,7 +63,7 @@ class FusedRunner:
             return t.detach().to(device=device, dtype=dtype).contiguous()
 
         def mat(t):  # a projection / output weight: quantised when asked
-            return Int4Weight(t) if quantize == "int4" else w(t)
+            return Int4Weight(t, dtype) if quantize == "int4" else w(t)
 
         def norm_w(t):  # gemma's norms are x * (1 + w), applied in fp32
             return (1.0 + t.detach().float()).to(device) if fam.norm_plus_one else w(t)
@@ -77,7 +77,7 @@ class FusedRunner:
         self.embed = w(m.embed_tokens.weight)
         # Gemma scales embeddings by sqrt(hidden), rounded to the model's dtype as transformers does.
         self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype).item() if fam.embed_scale else None
-        self.lm_head = Int8Weight(hf_model.lm_head.weight) if quantize == "int4" else w(hf_model.lm_head.weight)
+        self.lm_head = Int8Weight(hf_model.lm_head.weight, dtype) if quantize == "int4" else w(hf_model.lm_head.weight)
         self.final_norm = norm_w(m.norm.weight)
         self.layers = []
         for layer in m.layers:
@@ -250,11 +250,7 @@ class FusedRunner:
         cos, sin = self.cos[:T][None, :, None], self.sin[:T][None, :, None]  # [1, T, 1, D]
         # Causal attention within each prompt: padding sits after a row's last token, so it never
         # influences that row's real positions. A sliding window adds j > i - W.
-        masks = {}
-        for w_ in set(self.windows):
-            if w_ is not None:
-                i_, j_ = torch.arange(T, device=self.device)[:, None], torch.arange(T, device=self.device)[None]
-                masks[w_] = ((j_ <= i_) & (j_ > i_ - w_))[None, None]
+        masks = self._window_masks(T)
 
         def attend(i, q, k, v):
             self.k_cache[i, kv_rows, :, :T] = k
@@ -266,22 +262,32 @@ class FusedRunner:
         last = h[torch.arange(n, device=self.device), lengths - 1]
         return self._logits(last)
 
-    @torch.inference_mode()
-    def embeddings(self, ids: torch.Tensor, lengths: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        """Mean-pooled last hidden state (after the final norm) of each right-padded prompt ids [n, T]
-        (lengths [n]), each row with its adapter slot: [n, hidden] float32. Writes no KV row."""
-        n, T = ids.shape
+    def _window_masks(self, T: int) -> dict[int, torch.Tensor]:
+        """Causal masks over T positions with each layer's sliding window W (j <= i and j > i - W),
+        [1, 1, T, T] (True = attend), by window length; full-attention layers need none."""
+        i_, j_ = torch.arange(T, device=self.device)[:, None], torch.arange(T, device=self.device)[None]
+        return {w_: ((j_ <= i_) & (j_ > i_ - w_))[None, None] for w_ in set(self.windows) if w_ is not None}
+
+    def _uncached(self, ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """Final hidden states [n, T, hidden] of prompts ids [n, T] (right-padded), each row with its
+        adapter slot, writing no KV row: embeddings and prompt logprobs."""
+        T = ids.shape[1]
         lora = self._gather(slots, keep=False)
         cos, sin = self.cos[:T][None, :, None], self.sin[:T][None, :, None]
-        i_, j_ = torch.arange(T, device=self.device)[:, None], torch.arange(T, device=self.device)[None]
-        masks = {w_: ((j_ <= i_) & (j_ > i_ - w_))[None, None] for w_ in set(self.windows) if w_ is not None}
+        masks = self._window_masks(T)
 
         def attend(i, q, k, v):
             w_ = self.windows[i]
             return self._attention(q, k, v, masks[w_] if w_ is not None else None, is_causal=True)
 
-        h = self._layers(self._embed(ids), cos, sin, lora, attend).float()
-        keep = (torch.arange(T, device=self.device)[None] < lengths[:, None]).float()[..., None]
+        return self._layers(self._embed(ids), cos, sin, lora, attend)
+
+    @torch.inference_mode()
+    def embeddings(self, ids: torch.Tensor, lengths: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """Mean-pooled last hidden state (after the final norm) of each right-padded prompt ids [n, T]
+        (lengths [n]), each row with its adapter slot: [n, hidden] float32. Writes no KV row."""
+        h = self._uncached(ids, slots).float()
+        keep = (torch.arange(ids.shape[1], device=self.device)[None] < lengths[:, None]).float()[..., None]
         return (h * keep).sum(1) / lengths[:, None].float()
 
     @torch.inference_mode()
@@ -315,17 +321,7 @@ class FusedRunner:
     def prompt_logprobs(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
         """Log-probabilities [T, V] float32 of the next token after each position of one prompt ids [T],
         with adapter slot `slot` (0 = none), for `echo` with `logprobs`. Writes no KV row."""
-        T = ids.shape[0]
-        lora = self._gather([slot], keep=False)
-        cos, sin = self.cos[:T][None, :, None], self.sin[:T][None, :, None]
-        i_, j_ = torch.arange(T, device=self.device)[:, None], torch.arange(T, device=self.device)[None]
-        masks = {w_: ((j_ <= i_) & (j_ > i_ - w_))[None, None] for w_ in set(self.windows) if w_ is not None}
-
-        def attend(i, q, k, v):
-            w_ = self.windows[i]
-            return self._attention(q, k, v, masks[w_] if w_ is not None else None, is_causal=True)
-
-        h = self._layers(self._embed(ids[None]), cos, sin, lora, attend)
+        h = self._uncached(ids[None], [slot])
         return torch.log_softmax(self._logits(h[0]), -1)
 
 
