@@ -3,13 +3,15 @@
 `Int4Weight`: llama.cpp's Q4_1 layout (4-bit codes in groups of 32 input columns, a scale and an
 offset per group) multiplied by torch's int4 CPU kernel; `Int8Weight`: the output layer at 8 bits
 (one scale per row). Both fall back to a dense GEMM on the dequantised weight where that is faster
-(many rows: a prefill, a large batch); crossovers measured in docs/serving.md.
+(many rows: a prefill, a large batch).
 
-Both compute in the runner's dtype: bf16 where the CPU has native bf16 (AMX, AVX-512 BF16), fp32
-elsewhere (`dtype: auto`, plural.cpu). torch's int4 and int8 kernels take fp32 activations as well
-as bf16; on an AVX2 CPU a bf16 dense fallback is emulated through fp32 conversions and was what
-made an int4 prefill take 11 s there (issue 19). Scales and offsets are bf16-rounded either way, so
-the quantised weight is the same on every CPU.
+Kernels per CPU kind (plural.cpu; measured on SmolLM2-135M's shapes, 2 cores, docs/serving.md):
+torch's int4 and int8 kernels take bf16 activations on every CPU (with fp32 ones they were 15-35x
+slower with kernels capped to AVX2: a scalar path); the dense fallback runs in bf16 where the CPU
+has native bf16 (AMX, AVX-512 BF16) and in fp32 elsewhere, where a bf16 GEMM is emulated (5.7x
+slower than fp32 at a 640-row prefill; it was what made an int4 prefill take 11 s on a 2-core
+AVX2 EPYC, issue 19). The crossovers differ with it. Scales and offsets are bf16 either way, so the
+quantised weight is the same on every CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Int4Weight:
 
     GROUP = 32
 
-    def __init__(self, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, w: torch.Tensor, dense: torch.dtype | None = None):
         out, inp = w.shape
         if inp % self.GROUP:
             raise PluralError(f"quantize int4 needs input widths divisible by {self.GROUP}; this model has a projection of width {inp}")
@@ -40,39 +42,39 @@ class Int4Weight:
         lo, hi = g.amin(-1), g.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-8)
         q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
-        # torch's kernel dequantises (q - 8)·scale + zero: so zero = min + 8·scale. [in/G, out, 2],
-        # rounded to bf16 (the kernel's format on every CPU), then held in the compute dtype.
-        self.dtype = dtype
-        self.scales_zeros = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1).to(torch.bfloat16).to(dtype).contiguous()
+        # torch's kernel dequantises (q - 8)·scale + zero: so zero = min + 8·scale. [in/G, out, 2]
+        self.scales_zeros = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()
         # The kernel's own blocked layout, and the same codes as plain nibble pairs [out, in/2] for
         # `dequantize` (the kernel's cost grows with the rows it multiplies: past `kernel_rows` rows,
         # a long prefill, one dense matmul on the dequantised weight is faster).
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
         self.nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
         self.out, self.inp = out, inp
-        self.kernel_rows = self.KERNEL_ROWS[dtype]
+        self.dense = dense or dense_dtype()
+        self.kernel_rows = self.KERNEL_ROWS[self.dense]
 
-    # Crossovers measured on SmolLM2-135M's shapes (2 cores). bf16 (AMX): for gate|up [3072, 576] the
-    # kernel takes 1.4 ms at 64 rows and 5.6 at 256 against 7.7 and 7.6 ms to dequantise and multiply
-    # in bf16; at 512 rows 10.7 against 8.0. fp32 (kernels capped to AVX2): see docs/serving.md.
-    KERNEL_ROWS = {torch.bfloat16: 256, torch.float32: 256}
+    # Rows up to which the kernel beats dequantise-and-multiply, by the dense GEMM's dtype (2 cores,
+    # gate|up [3072, 576]). bf16 (AMX): kernel 1.4 ms at 64 rows and 5.6 at 256 against 7.7 and 7.6;
+    # at 512 rows 10.7 against 8.0. fp32 (kernels capped to AVX2): kernel 2.9 ms at 64 rows and 29 at
+    # 640 against 4.7 and 14.4.
+    KERNEL_ROWS = {torch.bfloat16: 256, torch.float32: 128}
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.inp).to(self.dtype)
+        x2 = x.reshape(-1, self.inp)
         if x2.shape[0] <= self.kernel_rows:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.GROUP, self.scales_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.GROUP, self.scales_zeros)
         else:
-            y = x2 @ self.dequantize().T
+            y = x2.to(self.dense) @ self.dequantize().T
         return y.view(*lead, self.out).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight [out, in] in the compute dtype: (q − 8)·scale + zero per group, as the kernel computes it."""
+        """The weight [out, in] in the dense dtype: (q − 8)·scale + zero per group, as the kernel computes it."""
         n = self.nibbles
         q = torch.stack([n & 15, n >> 4], dim=-1).view(self.out, self.inp // self.GROUP, self.GROUP)
         sz = self.scales_zeros.float()
         w = (q.float() - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
-        return w.view(self.out, self.inp).to(self.dtype)
+        return w.view(self.out, self.inp).to(self.dense)
 
 
 class Int8Weight:
@@ -86,29 +88,40 @@ class Int8Weight:
     # torch's int8 kernel is bandwidth-bound at one row and compute-bound beyond a few: past
     # `kernel_rows` rows (a batch of streams, a prefill) the same int8 weight, dequantised once to
     # the compute dtype, is multiplied by the dense GEMM instead (crossover measured in docs/serving.md).
-    KERNEL_ROWS = {torch.bfloat16: 4, torch.float32: 4}
+    # bf16 (AMX), [49152, 576]: kernel 2.3 ms at 1-4 rows against 3.5-4.0 dense; 8.5 ms at 16 rows
+    # against 5.7. fp32 (capped to AVX2): alone, kernel 10.9 ms at 16 rows against 13.5 dense, 43.6
+    # at 64 against 26.4; inside a 16-row decode step (caches shared with the rest) 15.5 against 13.0,
+    # and at one row 2.8 against 4.5: the kernel up to 8 rows.
+    KERNEL_ROWS = {torch.bfloat16: 4, torch.float32: 8}
 
-    def __init__(self, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, w: torch.Tensor, dense: torch.dtype | None = None):
         w = w.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
         self.q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-        self.dtype = dtype
-        self.scale = scale.to(torch.bfloat16).to(dtype)
+        self.scale = scale.to(torch.bfloat16)
         self.out, self.inp = w.shape
-        self.kernel_rows = self.KERNEL_ROWS[dtype]
-        self.dense = self.dequantize()
+        self.dense = dense or dense_dtype()
+        self.kernel_rows = self.KERNEL_ROWS[self.dense]
+        self.dense_w = self.dequantize()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.inp).to(self.dtype)
+        x2 = x.reshape(-1, self.inp)
         if x2.shape[0] <= self.kernel_rows:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale)
         else:
-            y = x2 @ self.dense.T
+            y = x2.to(self.dense) @ self.dense_w.T
         return y.view(*lead, self.out).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return (self.q.float() * self.scale.float()[:, None]).to(self.dtype)
+        return (self.q.float() * self.scale.float()[:, None]).to(self.dense)
+
+
+def dense_dtype() -> torch.dtype:
+    """The dtype of dense fallbacks on this CPU: bf16 where it is native, else fp32."""
+    from plural.cpu import cpu_info
+
+    return torch.bfloat16 if cpu_info().fast_bf16 else torch.float32
 
 
 def linear(x: torch.Tensor, w) -> torch.Tensor:
