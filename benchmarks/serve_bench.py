@@ -42,7 +42,7 @@ from _report import command, write_section
 
 NEW_TOKENS = 128
 # The label says the dtype the server reports in /health (fp32 where the CPU has no fast bf16), never a guess.
-WEIGHTS = {"none": "{dtype}", "int4": "int4 (`--quantize int4`) over {dtype} activations"}
+WEIGHTS = {"none": "{dtype}", "int4": "int4 (`--quantize int4`), {dtype} elsewhere"}
 CONCURRENCY = 16
 TOPICS = ["a refund", "a late delivery", "a password reset", "roaming fees", "a broken screen", "an invoice",
           "a contract change", "a new SIM card"]
@@ -104,13 +104,13 @@ def closed_loop(records, n_total):
 # ---- plural -----------------------------------------------------------------------------------
 
 class PluralServer:
-    def __init__(self, adapters: list[Path], workdir: Path, quantize: str = "none"):
+    def __init__(self, adapters: list[Path], workdir: Path, quantize: str = "none", extra: list[str] = ()):
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        args = [str(Path(sys.executable).with_name("plural")), "serve", "--port", str(self.port), "--quantize", quantize]
+        args = [str(Path(sys.executable).with_name("plural")), "serve", "--port", str(self.port), "--quantize", quantize, *extra]
         for p in adapters:
             args += ["--adapter", f"{p.name}={p}"]
         self.log = open(workdir / f"plural-serve-{quantize}.log", "w")
@@ -303,6 +303,7 @@ def main() -> None:
     ap.add_argument("--baseline-requests", type=int, default=8, help="requests measured for each sequential baseline")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--quantize", default="none,int4", help="plural serve configurations to measure (comma-separated: none, int4)")
+    ap.add_argument("--max-prefill-tokens", type=int, default=None, help="plural serve's prefill token budget (default: its own)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     global NEW_TOKENS
@@ -316,7 +317,8 @@ def main() -> None:
 
     plural = {}
     for quant in args.quantize.split(","):
-        srv = PluralServer(adapters, work, quant)
+        extra = [] if args.max_prefill_tokens is None else ["--max-prefill-tokens", str(args.max_prefill_tokens)]
+        srv = PluralServer(adapters, work, quant, extra)
         try:
             run = lambda models: asyncio.run(plural_workload(srv.port, models, msgs, CONCURRENCY))
             asyncio.run(plural_workload(srv.port, [a16[0].name] * 4, msgs[:4], 4))  # warm-up

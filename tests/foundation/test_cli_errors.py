@@ -40,6 +40,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval", ["--suite", "missing.jsonl"], "missing.jsonl: no such file"),
     ("serve", ["--config", "bad.yaml"], "bad.yaml:2: not valid YAML"),
     ("serve", ["--host", "0.0.0.0"], "without API keys the server binds 127.0.0.1 only"),
+    ("serve", ["--max-prefill-tokens", "-1"], "max_prefill_tokens: Input should be greater than or equal to 0"),
     ("console", ["--model", "nope"], "model 'nope' is not in the store"),
     ("console", ["--config", "bad.yaml"], "bad.yaml:2: not valid YAML"),
     ("models add", ["four_bytes.gguf"], "four_bytes.gguf: damaged or truncated GGUF file"),

@@ -43,6 +43,7 @@ def serve(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int4 (CPU: 4-bit weights in llama.cpp's Q4_1 layout, ~3x less memory traffic per token)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Prompt + completion tokens per request."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Sequences decoded together."),
+    max_prefill_tokens: Optional[int] = typer.Option(None, "--max-prefill-tokens", help="Prompt tokens one prefill step may take (a burst is prefilled in groups; 0: no limit)."),
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug | info | warning | error (the server log on stderr)."),
     runner: Optional[str] = typer.Option(None, "--runner", help="auto | fused | generic (auto: fused for Llama, Mistral, Qwen2/3, Gemma 2; generic otherwise)."),
     require_signed: Optional[str] = typer.Option(None, "--require-signed", help="TRUST.yaml or PUB.pem: refuse adapters without a trusted signature (admin API included)."),
@@ -61,7 +62,7 @@ def serve(
 
     settings = load_settings(
         config, model=model, adapters=_pairs(adapter, "--adapter", "PATH"), host=host, port=port, dtype=dtype, quantize=quantize,
-        max_model_len=max_model_len, max_batch=max_batch, log_level=log_level, runner=runner, require_signed=require_signed, runs_dir=runs_dir,
+        max_model_len=max_model_len, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, log_level=log_level, runner=runner, require_signed=require_signed, runs_dir=runs_dir,
         system_prompts=profile_prompts(_pairs(profile, "--profile", "PROFILE.yaml")),
         upstream=upstream, model_map=_pairs(model_map, "--model-map", "UPSTREAM_ID"), engine=engine, vllm_python=vllm_python,
     )

@@ -68,8 +68,9 @@ class ServeSettings(Strict):
     max_batch: int = Field(16, ge=1, le=256)  # sequences decoded together (rows of the KV cache)
     max_queue: int = Field(256, ge=0)  # waiting sequences beyond the batch before 429
     # prompt tokens one prefill step may take (vLLM's max_num_batched_tokens; a longer prompt is
-    # prefilled alone): a burst is prefilled in groups, decode steps between them. 0: no budget.
-    max_prefill_tokens: int = Field(512, ge=0)
+    # prefilled alone): a burst is prefilled in groups, decode steps between them. 0: no budget;
+    # default by device (serve.app.prefill_budget).
+    max_prefill_tokens: int | None = Field(None, ge=0)
     max_loras: int = Field(16, ge=1, le=256)  # adapters resident at once (LoRA slots)
     max_lora_rank: int = Field(64, ge=1, le=1024)
     adapter_cache_mb: float = Field(1024.0, gt=0)  # bytes bound of the resident-adapter LRU
