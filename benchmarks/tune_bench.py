@@ -67,8 +67,13 @@ def worker_trl(out: Path, epochs: float) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ds = load_dataset("json", data_files=str(TRAIN), split="train")
+    from plural.cpu import cpu_info
+
+    # TRL's defaults, except on a CPU without native bf16 (AVX2, issue 19): there its default bf16
+    # autocast is emulated, and a user of that CPU trains in fp32, as plural's `precision: auto` does.
+    fp32 = {} if torch.cuda.is_available() or cpu_info().fast_bf16 else {"bf16": False}
     args = SFTConfig(output_dir=str(out / "trainer"), num_train_epochs=epochs, report_to=[], save_strategy="no",
-                     use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+                     use_cpu=not torch.cuda.is_available(), disable_tqdm=True, **fp32)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
     # count what the trainer will see: non-padding tokens and loss-carrying tokens per epoch
@@ -144,6 +149,7 @@ def main() -> None:
             "rss": med(name, lambda x: x["peak_rss_mb"]),
             "heldout": med(name, lambda x: x["heldout_loss"]),
             "secs": med(name, lambda x: x["seconds"]),
+            "precision": results[name][0]["precision"],
         }
     ratio = rows["plural"]["data"] / rows["trl"]["data"]
     s = results["trl"][0]["settings"]
@@ -151,7 +157,7 @@ def main() -> None:
 
 | system | data tokens/s | loss tokens/s | train time (s) | peak RAM (MB) | held-out loss |
 |---|---:|---:|---:|---:|---:|
-| plural tune (packing, bf16 autocast where native, loss on assistant tokens) | {rows['plural']['data']:.0f} | {rows['plural']['loss']:.0f} | {rows['plural']['secs']:.0f} | {rows['plural']['rss']:.0f} | {rows['plural']['heldout']:.3f} |
+| plural tune (packing, bf16 autocast where native, loss on assistant tokens; {rows['plural']['precision']}) | {rows['plural']['data']:.0f} | {rows['plural']['loss']:.0f} | {rows['plural']['secs']:.0f} | {rows['plural']['rss']:.0f} | {rows['plural']['heldout']:.3f} |
 | TRL SFTTrainer defaults (batch {s['batch_size']}, lr {s['lr']}, gradient checkpointing {s['gradient_checkpointing']}, packing {s['packing']}, bf16 {s['bf16']}) | {rows['trl']['data']:.0f} | {rows['trl']['loss']:.0f} | {rows['trl']['secs']:.0f} | {rows['trl']['rss']:.0f} | {rows['trl']['heldout']:.3f} |
 
 Medians of {a.runs} runs each, {a.epochs:g} epochs of examples/support/train.jsonl, SmolLM2-135M-Instruct, LoRA r 16 on all linear
@@ -160,7 +166,10 @@ projections. **Throughput ratio (data tokens/s): {ratio:.2f}×** (target ≥ 2×
 ({rows['plural']['heldout']:.3f} vs {rows['trl']['heldout']:.3f}).
 """
     print(md)
-    write_section("tune", md)
+    from plural.cpu import cpu_info
+
+    kind = cpu_info().kind  # one section per CPU kind: the AMX figures and the AVX2 ones side by side
+    write_section("tune" if kind in ("amx", "avx512_bf16") else f"tune-{kind}", md)
 
 
 if __name__ == "__main__":
