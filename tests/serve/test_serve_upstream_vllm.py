@@ -223,6 +223,33 @@ def test_stopping_the_front_stops_the_engine_group(front):
             time.sleep(0.1)
 
 
+def test_a_front_killed_outright_takes_vllm_with_it(store, tiny_adapters, tmp_path):
+    """SIGKILL of the front runs none of its shutdown: the parent-death signal still ends vLLM."""
+    python = tmp_path / "vllm-env" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {STANDIN} \"$@\"\n")
+    python.chmod(0o755)
+    record = tmp_path / "standin.json"
+    old = dict(os.environ)
+    os.environ.update(STANDIN_RECORD=str(record), STANDIN_DELAY="0")
+    try:
+        s = Server(tmp_path, {"model": "tiny", "engine": "vllm", "vllm_python": str(python),
+                              "adapters": {"qv4": str(tiny_adapters["qv4"])}})
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    s.wait_ready(180)
+    rec = json.loads(record.read_text())
+    assert _alive(rec["pid"])
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait()
+    for pid in (rec["pid"], rec["worker_pid"]):
+        deadline = time.monotonic() + 15
+        while _alive(pid):
+            assert time.monotonic() < deadline, f"process {pid} outlived the killed front"
+            time.sleep(0.1)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

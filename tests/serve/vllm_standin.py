@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -61,6 +63,7 @@ def main() -> None:
         if not (Path(args.model) / f).is_file():
             sys.exit(f"standin: {args.model} has no {f}")
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])  # stays in our group
+
     runtime = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "True"
     record = {"argv": sys.argv[1:], "pid": os.getpid(), "worker_pid": worker.pid, "pgid": os.getpgid(0),
               "runtime_lora": runtime, "loads": [], "unloads": [], "aborted": []}
@@ -88,7 +91,18 @@ def main() -> None:
             sys.exit(f"standin: --lora-modules {item}: {why if args.enable_lora else 'needs --enable-lora'}")
     save()
 
-    app = FastAPI()
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        # As vLLM does on SIGTERM: shut its engine core (the worker) down, then exit. Set here, after
+        # uvicorn has installed its own handlers (which would end the process without cleanup).
+        def on_term(*_):
+            worker.terminate()
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, on_term)
+        yield
+
+    app = FastAPI(lifespan=lifespan)
 
     def with_key(inner):
         # A plain ASGI wrapper (not @app.middleware, which hides client disconnects from handlers).

@@ -162,7 +162,10 @@ class VLLM:
         server is built, before it listens, so a failed start is a one-line error."""
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         # Its own session: the whole group (vLLM's engine-core workers too) is stopped together.
-        self.proc = subprocess.Popen(self.command(), env=env, start_new_session=True)
+        # And a parent-death signal: if the front is killed outright (SIGKILL, OOM killer) and never
+        # runs its shutdown, the kernel sends vLLM SIGTERM, which vLLM answers by shutting down its
+        # engine core, instead of leaving it holding the GPU as an orphan.
+        self.proc = subprocess.Popen(self.command(), env=env, start_new_session=True, preexec_fn=_die_with_parent)
         atexit.register(self.stop)  # also when the front fails before its lifespan runs
         deadline = time.monotonic() + self.settings.vllm_start_timeout
         with httpx.Client(timeout=2.0) as client:
@@ -259,3 +262,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child between fork and exec: SIGTERM when the parent dies (Linux prctl
+    PR_SET_PDEATHSIG; kept across exec). Elsewhere nothing: the shutdown path still stops the group."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
