@@ -111,12 +111,13 @@ def test_fedprox_term_is_added_once_per_step(tiny_model):
     n = int((b["labels"][:, 1:] != -100).sum())
     prox = ProxLoss(model, mu=0.1)
     with torch.no_grad():
-        base = float(TokenLoss(model)(**b))
-        assert float(prox(**b)) == pytest.approx(base)  # at the global weights the term is 0
+        base, count = TokenLoss(model)(**b)
+        assert int(count) == n and int(prox(**b)[1]) == n  # (sum, count): the count is the trained tokens
+        assert float(prox(**b)[0]) == pytest.approx(float(base))  # at the global weights the term is 0
         for p in prox.params:
             p.add_(0.5)
         dist2 = sum(0.25 * p.numel() for p in prox.params)
-        assert float(prox(**b)) == pytest.approx(float(TokenLoss(model)(**b)) + 0.05 * dist2 * n, rel=1e-5)
+        assert float(prox(**b)[0]) == pytest.approx(float(TokenLoss(model)(**b)[0]) + 0.05 * dist2 * n, rel=1e-5)
 
 
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):

@@ -1,8 +1,9 @@
 """FedProx's proximal term on a node (Li et al., MLSys 2020): loss + mu/2·‖w − w_global‖².
 
-tune.loop.fit divides the summed token loss of a step by the step's trained-token count N, so
-the term is added as (mu/2·‖w − w_global‖²)·n per micro-batch of n tokens: summed over the step
-and divided by N it contributes exactly mu/2·‖w − w_global‖² per optimizer step.
+A loss module returns (sum, count) and tune.loop.fit divides a step's summed loss by its global
+count N of trained tokens, so the term is added as (mu/2·‖w − w_global‖²)·n per micro-batch of n
+tokens: summed over the step and divided by N it contributes exactly mu/2·‖w − w_global‖² per
+optimizer step.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from plural.data.chat import IGNORE
 from plural.tune.loop import TokenLoss
 
 
@@ -27,6 +27,6 @@ class ProxLoss(nn.Module):
     def proximal(self) -> torch.Tensor:
         return 0.5 * self.mu * sum((p - getattr(self, f"ref{i}")).pow(2).sum() for i, p in enumerate(self.params))
 
-    def forward(self, input_ids, labels, position_ids) -> torch.Tensor:
-        n = (labels[:, 1:] != IGNORE).sum()
-        return self.inner(input_ids, labels, position_ids) + self.proximal() * n
+    def forward(self, input_ids, labels, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        total, n = self.inner(input_ids, labels, position_ids)
+        return total + self.proximal() * n, n

@@ -5,8 +5,8 @@ Loss. A loss module returns `(sum, count)`: its loss summed over the units it av
 Each optimizer step back-propagates the sums of all micro-batches, then divides the gradient by
 the *global* count (all micro-batches of all processes). So gradient accumulation and
 multi-process training give the gradient of the same full batch (the bug Unsloth and HF fixed in
-2024: averaging per micro-batch overweights short examples). A module that returns a bare tensor
-is a sum over trained tokens (labels != IGNORE): federate.prox.ProxLoss wraps TokenLoss that way.
+2024: averaging per micro-batch overweights short examples). Every module returns the pair
+(TokenLoss, DPO, ORPO, federate.prox.ProxLoss): no unit is inferred from the labels.
 Logits are computed only at trained positions: the [tokens, vocab] projection is the most
 expensive op of a small model, and SFT trains on a fraction of the tokens.
 
@@ -125,16 +125,14 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
 
 # ----------------------------------------------------------------------------- loss
 
-def sum_and_count(out, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """A loss module's output as (sum, count): see the module docstring."""
-    if isinstance(out, tuple):
-        return out[0], float(out[1])
-    return out, float((labels[:, 1:] != IGNORE).sum())
+def sum_and_count(out) -> tuple[torch.Tensor, float]:
+    """A loss module's output (sum, count) with the count as a float: see the module docstring."""
+    total, count = out
+    return total, float(count)
 
 
 class TokenLoss(nn.Module):
-    """Wraps a (PEFT) causal LM; forward returns the *sum* of CE over trained tokens (count: the
-    trained tokens, which the loop reads from the labels; see sum_and_count).
+    """Wraps a (PEFT) causal LM; forward returns (sum of CE over the trained tokens, their number).
 
     Shapes: input_ids/labels/position_ids [B, T]; hidden [B, T-1, H] -> selected [N, H] -> logits [N, V].
     """
@@ -152,7 +150,7 @@ class TokenLoss(nn.Module):
         tgt = labels[:, 1:]
         sel = tgt != IGNORE
         logits = self.head(h[:, :-1][sel])
-        return F.cross_entropy(logits.float(), tgt[sel], reduction="sum")
+        return F.cross_entropy(logits.float(), tgt[sel], reduction="sum"), sel.sum()
 
 
 def n_targets(rows: list[Row]) -> int:
@@ -344,7 +342,7 @@ def evaluate(loss_mod: TokenLoss, rows: list[Row], pad_id: int, device, amp, bat
     for i in range(0, len(rows), batch_size):
         b = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
         with _autocast(device, amp):
-            s, c = sum_and_count(loss_mod(**b), b["labels"])
+            s, c = sum_and_count(loss_mod(**b))
         tot, n = tot + float(s), n + c
     loss_mod.train(was)
     return tot / max(n, 1)
@@ -410,7 +408,7 @@ def fit(
                 sync = dist.world == 1 or i == len(micro) - 1
                 with (nullcontext() if sync else wrapped.no_sync()):
                     with _autocast(device, amp):
-                        ls, c = sum_and_count(wrapped(**b), b["labels"])
+                        ls, c = sum_and_count(wrapped(**b))
                     ls.backward()
                 loss_sum, count = loss_sum + float(ls.detach()), count + c
             # The gradient of the global mean: DDP averaged the summed gradients over the
