@@ -132,13 +132,24 @@ class PluralServer:
         self.proc.wait(60)
 
 
+async def stream_chat(client, body: dict):
+    """The parsed SSE chunks of one streamed /chat/completions request (httpx.AsyncClient with the
+    server's /v1 as base URL); a non-200 answer raises with the start of its body."""
+    import json
+
+    async with client.stream("POST", "/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
 async def plural_workload(port, models, msgs, concurrency):
     """A closed loop of streaming chat requests. The load generator shares the 2 cores with the
     server, so it is kept lean, as vLLM's benchmark_serving is: raw SSE lines over one httpx
     client and json.loads per event (the official openai client's per-chunk pydantic parsing
     would take CPU from the server; the tests use that client for compatibility)."""
-    import json
-
     import httpx
 
     client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1", timeout=600,
@@ -153,18 +164,12 @@ async def plural_workload(port, models, msgs, concurrency):
             n = 0
             body = {"model": model, "messages": m, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}, "ignore_eos": True}
-            async with client.stream("POST", "/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    ch = json.loads(line[6:])
-                    if ch.get("choices") and ch["choices"][0]["delta"].get("content"):
-                        last = time.perf_counter()
-                        first = first or last
-                    if ch.get("usage"):
-                        n = ch["usage"]["completion_tokens"]
+            async for ch in stream_chat(client, body):
+                if ch.get("choices") and ch["choices"][0]["delta"].get("content"):
+                    last = time.perf_counter()
+                    first = first or last
+                if ch.get("usage"):
+                    n = ch["usage"]["completion_tokens"]
             ttfts.append(first - t0)
             tokens.append(n)
             if last > first:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import command, write_section
-from serve_bench import PluralServer, pct, prompts
+from serve_bench import PluralServer, pct, prompts, stream_chat
 
 NEW_TOKENS = 128
 CONCURRENCY = 16
@@ -54,18 +53,12 @@ async def workload(port: int, msgs, constrained: list[bool]) -> dict:
             body = {"model": "smollm2-135m-instruct", "messages": m, "max_tokens": NEW_TOKENS, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}}
             body.update({"response_format": FORMAT} if grammar else {"ignore_eos": True})
-            async with client.stream("POST", "/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    ch = json.loads(line[6:])
-                    if ch.get("choices") and (piece := ch["choices"][0]["delta"].get("content")):
-                        first = first or time.perf_counter()
-                        text.append(piece)
-                    if ch.get("usage"):
-                        n = ch["usage"]["completion_tokens"]
+            async for ch in stream_chat(client, body):
+                if ch.get("choices") and (piece := ch["choices"][0]["delta"].get("content")):
+                    first = first or time.perf_counter()
+                    text.append(piece)
+                if ch.get("usage"):
+                    n = ch["usage"]["completion_tokens"]
             ttfts.append(first - t0)
             tokens.append(n)
             if grammar:  # a 128-token prefix of the schema's language: it opens the object as required
@@ -85,6 +78,7 @@ def engine_runs(msgs, repeats: int) -> dict:
 
     import torch
 
+    from plural.serve.app import pick_dtype
     from plural.serve.engine import Engine
     from plural.serve.grammar import Grammars, json_schema_grammar
     from plural.serve.sampler import SamplingParams
@@ -93,7 +87,7 @@ def engine_runs(msgs, repeats: int) -> dict:
 
     model, tok, _ = load_model("smollm2-135m-instruct")
     eng = Engine(model, tok, max_batch=CONCURRENCY, max_len=1024, max_queue=len(msgs) + 1, max_loras=1,
-                 max_lora_rank=8, cache_bytes=1 << 30, dtype=torch.bfloat16, device=torch.device("cpu"))
+                 max_lora_rank=8, cache_bytes=1 << 30, dtype=pick_dtype("auto", torch.device("cpu")), device=torch.device("cpu"))
     eng.start()
     grammars = Grammars(tok, eng.stop_ids)
     grammar = json_schema_grammar(SCHEMA)
@@ -155,7 +149,11 @@ def main() -> None:
     msgs = prompts(args.requests)
     msgs = [[{"role": "user", "content": m[0]["content"] + " Then list the items of the order as JSON."}] for m in msgs]
     if args.mode == "engine":
-        report(args, engine_runs(msgs, args.repeats))
+        import torch
+
+        from plural.serve.app import pick_dtype
+
+        report(args, engine_runs(msgs, args.repeats), str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch."))
         return
     with tempfile.TemporaryDirectory() as work:
         srv = PluralServer([], Path(work))
@@ -173,10 +171,10 @@ def main() -> None:
                     print(name, f"{r['tok_s']:.1f} tok/s", flush=True)
         finally:
             srv.stop()
-    report(args, runs)
+    report(args, runs, srv.health["dtype"])
 
 
-def report(args, runs: dict) -> None:
+def report(args, runs: dict, dtype: str) -> None:
     med = {k: statistics.median(x["tok_s"] for x in v) for k, v in runs.items()}
     ttft = {k: statistics.median(x["ttft_p50"] for x in v) for k, v in runs.items()}
     ratio = med["half"] / med["none"]
@@ -188,7 +186,7 @@ def report(args, runs: dict) -> None:
     rows = "\n".join(rows)
     where = ("`plural serve` process, streaming chat requests from a closed-loop httpx client" if args.mode == "http"
              else "the engine in-process (the server's engine, scheduler, grammar masks and sampler; no HTTP)")
-    body = f"""Workload ({args.mode}): {args.requests} chat requests x {NEW_TOKENS} new tokens, {CONCURRENCY} at a time, SmolLM2-135M-Instruct (bf16, fused runner), base model; {where}. Constrained requests: json_schema (an array of at least 50 `{{name, qty}}` objects, so every answer runs to {NEW_TOKENS} tokens like the unconstrained ones, which ignore end-of-turn), every other request. Runs alternate, {args.repeats} of each; medians.
+    body = f"""Workload ({args.mode}): {args.requests} chat requests x {NEW_TOKENS} new tokens, {CONCURRENCY} at a time, SmolLM2-135M-Instruct ({dtype}, fused runner), base model; {where}. Constrained requests: json_schema (an array of at least 50 `{{name, qty}}` objects, so every answer runs to {NEW_TOKENS} tokens like the unconstrained ones, which ignore end-of-turn), every other request. Runs alternate, {args.repeats} of each; medians.
 
 Command: `{command()}`
 
