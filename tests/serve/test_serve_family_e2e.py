@@ -80,11 +80,13 @@ def test_import_tune_serve(store, family, runner, tmp_path):
         srv.stop()
 
 
-@pytest.mark.parametrize("family,arch", [("qwen2", "qwen2"), ("mistral", "llama")])
+@pytest.mark.parametrize("family,arch", [("qwen2", "qwen2"), ("mistral", "llama"), ("qwen3", "qwen3"), ("gemma2", "gemma2")])
 def test_gguf_of_another_family_imports(store, family, arch, tmp_path):
     """`plural export gguf` writes the family; `plural models add FILE.gguf` reads it back with the
-    same logits. A Mistral GGUF reads back as a Llama: llama.cpp writes Mistral under the `llama`
-    architecture (the same tensors; the sliding window is not in the file, see docs/export.md)."""
+    same logits and the same tokens for a chat. A Mistral GGUF reads back as a Llama: llama.cpp writes
+    Mistral under the `llama` architecture (the same tensors; the sliding window is not in the file,
+    see docs/export.md). Qwen3's head size and Gemma 2's soft-caps, query scale and 1 + w norms are
+    the keys transformers' GGUF reader alone gets wrong (it loads neither file correctly)."""
     from transformers import AutoTokenizer
 
     from plural.store.models import get_model, load_model
@@ -98,8 +100,11 @@ def test_gguf_of_another_family_imports(store, family, arch, tmp_path):
     out = tmp_path / f"{family}.gguf"
     plural("export", "gguf", f"src-{family}", "--type", "f32", "-o", out)
     plural("models", "add", out, "--name", f"gguf-{family}", "--force")
-    back, _, stored = load_model(f"gguf-{family}")
+    back, btok, stored = load_model(f"gguf-{family}")
     assert stored.manifest["architecture"].lower().startswith(arch)
+    chat = [{"role": "user", "content": "Zähl bis 3: 1, 2, 3 {ok}\n  Réponds en français."}]
+    src_tok = AutoTokenizer.from_pretrained(get_model(f"src-{family}").path)  # the exported model's own tokenizer
+    assert btok.apply_chat_template(chat, add_generation_prompt=True) == src_tok.apply_chat_template(chat, add_generation_prompt=True)
     import torch
 
     x = torch.tensor([[200, 201, 202, 203, 204, 205, 206, 207, 208, 209]])
@@ -110,6 +115,27 @@ def test_gguf_of_another_family_imports(store, family, arch, tmp_path):
         assert torch.allclose(back(x[:, :w]).logits, model(x[:, :w]).logits, atol=1e-4)
         if w is not None and w < x.shape[1]:
             assert not torch.allclose(back(x).logits[0, -1], model(x).logits[0, -1], atol=1e-4)
+
+
+def test_gguf_writer_refuses_a_gemma2_llama_cpp_would_run_differently(store, tmp_path):
+    """llama.cpp has no GGUF key for Gemma 2's query scale (it assumes the head size) or for a layer
+    pattern other than sliding/full alternation: such a model is refused, naming the field."""
+    from transformers import AutoTokenizer
+
+    from plural.errors import PluralError
+    from plural.export.gguf_model import write_model_gguf
+    from plural.store.models import get_model
+
+    tok = AutoTokenizer.from_pretrained(get_model("tiny").path)
+    model = build("gemma2", tok)
+    model.config.query_pre_attn_scalar = 256
+    with pytest.raises(PluralError, match="query_pre_attn_scalar 256 is not the 16 llama.cpp assumes"):
+        write_model_gguf(model, tok, tmp_path, tmp_path / "a.gguf", "f32", "g", {})
+    model.config.query_pre_attn_scalar = 16
+    model.config.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(PluralError, match="layer_types .* is not Gemma 2's alternation"):
+        write_model_gguf(model, tok, tmp_path, tmp_path / "b.gguf", "f32", "g", {})
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_serve_refuses_a_model_no_runner_serves(store, tmp_path):

@@ -4,7 +4,10 @@ Tensor names come from the `gguf` package's own table (`get_tensor_name_map`), t
 converter uses. The only layout change is llama.cpp's RoPE row order for the "llama" architecture:
 its converter permutes the rows of q_proj and k_proj (HF stores each head's rotary pairs as two
 halves, llama.cpp interleaves them), so a LoRA's B (output rows) of q and k gets the same
-permutation; A (input columns) is unchanged. Qwen2 uses NeoX-style RoPE in llama.cpp: no permutation.
+permutation; A (input columns) is unchanged. Qwen2, Qwen3 and Gemma 2 use NeoX-style RoPE in
+llama.cpp: no permutation. Gemma's RMSNorm multiplies by (1 + w) in transformers and by w in llama.cpp,
+whose converter writes every `*norm.weight` of Gemma 2 as w + 1 (and transformers' GGUF reader takes
+the 1 off again).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from plural.errors import PluralError
 class Family:
     gguf_arch: str  # general.architecture in the GGUF file
     rope_permute: bool  # llama.cpp's converter permutes q/k rows
+    norm_plus_one: bool = False  # norms stored as 1 + w (Gemma)
 
 
 # HF model_type -> family. Mistral is written as "llama", as llama.cpp's converter does (its
@@ -28,6 +32,8 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("llama", True),
     "mistral": Family("llama", True),
     "qwen2": Family("qwen2", False),
+    "qwen3": Family("qwen3", False),  # Qwen2 without biases, plus per-head q/k RMSNorm (attn_q_norm, attn_k_norm)
+    "gemma2": Family("gemma2", False, norm_plus_one=True),
 }
 
 

@@ -105,6 +105,28 @@ def _encode(gguf_name: str, t: np.ndarray, qtype: ModelType):
     return gguf.quants.quantize(t, want), want
 
 
+def _add_gemma2(w, cfg, head_dim: int, model_dir: Path) -> None:
+    """Gemma 2's keys as llama.cpp's converter writes them. llama.cpp has no key for the query scale:
+    it uses 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 46-layer 27B model, so a model whose
+    `query_pre_attn_scalar` is neither would run with different attention there and is refused."""
+    expect = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 46 else head_dim
+    scalar = getattr(cfg, "query_pre_attn_scalar", None)
+    if scalar is not None and float(scalar) != float(expect):
+        raise PluralError(f"{model_dir / 'config.json'}: query_pre_attn_scalar {scalar} is not the {expect} llama.cpp "
+                          "assumes for Gemma 2 (it has no GGUF key for it). Fix: export it as a Hugging Face folder (plural export hf --merged)")
+    layer_types = getattr(cfg, "layer_types", None)
+    alternate = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(cfg.num_hidden_layers)]
+    if layer_types is not None and getattr(cfg, "sliding_window", None) is not None and list(layer_types) != alternate:
+        raise PluralError(f"{model_dir / 'config.json'}: layer_types {list(layer_types)} is not Gemma 2's alternation "
+                          "(sliding, full, ...) that llama.cpp applies. Fix: export it as a Hugging Face folder (plural export hf --merged)")
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        w.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
+    if getattr(cfg, "final_logit_softcapping", None) is not None:
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    if getattr(cfg, "sliding_window", None) is not None:
+        w.add_sliding_window(int(cfg.sliding_window))
+
+
 def write_model_gguf(model, tok, model_dir: Path, tmp: Path, qtype: ModelType, name: str, provenance: dict[str, str]) -> int:
     """Write `model` (a transformers causal LM) and its tokenizer to `tmp`. Returns the tensor count."""
     import gguf
@@ -131,9 +153,11 @@ def write_model_gguf(model, tok, model_dir: Path, tmp: Path, qtype: ModelType, n
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(head_dim)
-    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads or getattr(cfg, "head_dim", None) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if fam.gguf_arch == "gemma2":
+        _add_gemma2(w, cfg, head_dim, model_dir)
     w.add_file_type(_file_type(qtype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for k, v in provenance.items():
@@ -152,6 +176,8 @@ def write_model_gguf(model, tok, model_dir: Path, tmp: Path, qtype: ModelType, n
         heads = arch.rope_heads(cfg, gname)
         if heads is not None:
             data = arch.permute_rows(data, heads)
+        if fam.norm_plus_one and gname.endswith("norm.weight"):
+            data = data + 1.0
         arr, raw = _encode(gname, data, qtype)
         w.add_tensor(gname, arr, raw_dtype=raw)
         n += 1

@@ -101,7 +101,7 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
     `source=None` imports the bundled SmolLM2-135M-Instruct under the name `smollm2-135m-instruct`.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     if source is None:
         src = bundled_gguf()
@@ -120,7 +120,7 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
     if src.is_file():
         if src.suffix.lower() != ".gguf":
             raise PluralError(f"{src}: expected a .gguf file or a Hugging Face model folder")
-        _check_gguf(src)
+        meta = _check_gguf(src)
         load_kw: dict[str, Any] = {"gguf_file": src.name}
         src_dir = src.parent
     else:
@@ -137,7 +137,16 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
         src_dir = src
 
     try:
-        tok = AutoTokenizer.from_pretrained(src_dir, local_files_only=True, **load_kw)
+        if "gguf_file" in load_kw:
+            # The tokenizer exactly as the file describes it (vocabulary, merges, the split named by
+            # tokenizer.ggml.pre), under the generic class: a family's own class (GemmaTokenizer,
+            # Qwen2Tokenizer) re-imposes that family's usual normaliser and split when the stored
+            # copy is read back, and a Gemma 2 GGUF with a byte-level BPE then tokenised "\n" as
+            # <unk> (measured on a tiny Gemma 2 written by plural export gguf).
+            tok = PreTrainedTokenizerFast.from_pretrained(src_dir, local_files_only=True, **load_kw)
+            load_kw["config"] = _gguf_config(src, meta)
+        else:
+            tok = AutoTokenizer.from_pretrained(src_dir, local_files_only=True, **load_kw)
         model = AutoModelForCausalLM.from_pretrained(
             src_dir, local_files_only=True, dtype=torch.float32 if "gguf_file" in load_kw else "auto", **load_kw
         )
@@ -177,7 +186,8 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
 # The weight readers below transformers raise bare struct.error / SafetensorError (or worse) on a
 # truncated or foreign file, without saying which file; parse each file first and name it.
 
-def _check_gguf(path: Path) -> None:
+def _check_gguf(path: Path) -> dict[str, Any]:
+    """Parse the file (naming it when damaged); returns its scalar metadata."""
     from gguf import GGUFReader
 
     with open(path, "rb") as f:
@@ -185,9 +195,31 @@ def _check_gguf(path: Path) -> None:
     if magic != b"GGUF":
         raise PluralError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        GGUFReader(path)  # parses the header, metadata and tensor table, and checks they fit the file
+        reader = GGUFReader(path)  # parses the header, metadata and tensor table, and checks they fit the file
+        return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.") and len(f.data) == 1}
     except Exception as e:  # any parse failure of an outside file means the file is damaged
         raise PluralError(f"{path}: damaged or truncated GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _gguf_config(path: Path, meta: dict[str, Any]):
+    """transformers' config for a GGUF file, with the keys its GGUF reader leaves at their defaults
+    filled from the file (measured on tiny Qwen3 and Gemma 2 files: without this a Qwen3 whose head
+    size is not 128 fails to load and a Gemma 2 gets the wrong attention scale):
+    `attention.key_length` is the head size (hidden / heads when absent); Gemma 2's soft-caps are in the file, and its query scale
+    is what llama.cpp computes (it has no key): head size, or hidden/heads for the 46-layer 27B."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    arch = meta.get("general.architecture")
+    if hasattr(cfg, "head_dim"):  # without the key llama.cpp's head size is hidden / heads, as here
+        cfg.head_dim = int(meta.get(f"{arch}.attention.key_length") or cfg.hidden_size // cfg.num_attention_heads)
+    if arch == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if f"gemma2.{key}" in meta:
+                setattr(cfg, key, float(meta[f"gemma2.{key}"]))
+        layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        cfg.query_pre_attn_scalar = cfg.hidden_size // heads if layers == 46 else cfg.head_dim
+    return cfg
 
 
 def _check_safetensors(path: Path) -> None:
