@@ -265,3 +265,47 @@ def test_full_disk_during_a_checkpoint_says_so_and_stays_resumable(tmp_path, tin
     import json
 
     assert [json.loads(l)["step"] for l in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_recipe_knobs_rslora_loraplus_neftune(tmp_path, tiny_model):
+    """Issue 14, item 3: the small-data LoRA recipes are config keys. rsLoRA reaches the adapter's
+    config (alpha / sqrt(r)); LoRA+ puts the B matrices in their own group at ratio × lr; NEFTune
+    perturbs the input embeddings by at most alpha / sqrt(L d) while training and never in eval."""
+    import json
+    import math
+
+    from plural.store.models import load_model
+    from plural.tune.loop import add_neftune, param_groups
+    from plural.tune.sft import add_lora
+
+    cfg_path = tune_config(tmp_path, tiny_model, max_steps=3)
+    run = _fit_in_process(cfg_path, "lora.rslora=true", "train.loraplus_ratio=16", "train.neftune_alpha=5")
+    acfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert acfg["use_rslora"] is True
+    hist = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
+
+    from plural.cli.tune import load_tune_config
+
+    cfg = load_tune_config(cfg_path, [])
+    model = add_lora(load_model(tiny_model)[0], cfg)
+    groups = param_groups(model, 1e-3, 16.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, 1.6e-2]
+    assert all(".lora_A." in names[id(p)] for p in groups[0]["params"])
+    assert groups[1]["params"] and all(".lora_B." in names[id(p)] for p in groups[1]["params"])
+    assert len(param_groups(model, 1e-3, None)) == 1
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    emb = model.get_input_embeddings()
+    clean = emb(ids).detach()
+    handle = add_neftune(model, 5.0)
+    model.train()
+    noisy = emb(ids).detach()
+    bound = 5.0 / math.sqrt(ids.shape[1] * clean.shape[-1])
+    assert 0 < (noisy - clean).abs().max() <= bound
+    model.eval()
+    assert torch.equal(emb(ids), clean)
+    handle.remove()
+    model.train()
+    assert torch.equal(emb(ids), clean)

@@ -55,6 +55,9 @@ class LoraConfig(Strict):
     # 0 by default: on CPU the dropout masks cost ~12% of a step (profiled) for little gain on small data
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[str] = Field(DEFAULT_TARGETS, min_length=1)
+    # rsLoRA (Kalajdzievski 2023): scale B·A by alpha / sqrt(r) instead of alpha / r, so a higher
+    # rank is not damped; PEFT's use_rslora, carried into the adapter's adapter_config.json.
+    rslora: bool = False
 
 
 class TrainConfig(Strict):
@@ -77,6 +80,11 @@ class TrainConfig(Strict):
     # None: with data.eval, about EVALS_PER_RUN held-out evaluations (the over-fitting warning needs them); 0: only at the end
     eval_every: int | None = Field(None, ge=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores / processes)")
+    # LoRA+ (Hayou et al. 2024): the B matrices learn at loraplus_ratio × lr (the paper suggests 16); None: one lr
+    loraplus_ratio: float | None = Field(None, gt=0, le=1024)
+    # NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(length × width) on the input
+    # embeddings while training (the paper and TRL use alpha 5); None: off
+    neftune_alpha: float | None = Field(None, gt=0, le=100)
 
 
 class PreferenceConfig(Strict):

@@ -348,6 +348,32 @@ def evaluate(loss_mod: TokenLoss, rows: list[Row], pad_id: int, device, amp, bat
     return tot / max(n, 1)
 
 
+def param_groups(model: nn.Module, lr: float, loraplus_ratio: float | None) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one, or with LoRA+ the B matrices (`lora_B`) at
+    ratio × lr and everything else at lr (the scheduler scales both alike)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not loraplus_ratio:
+        return [{"params": [p for _, p in named]}]
+    b = [p for n, p in named if ".lora_B." in n]
+    rest = [p for n, p in named if ".lora_B." not in n]
+    return [g for g in ({"params": rest, "lr": lr}, {"params": b, "lr": lr * loraplus_ratio}) if g["params"]]
+
+
+def add_neftune(model: nn.Module, alpha: float):
+    """NEFTune: while the model trains, add Uniform(-1, 1) · alpha / sqrt(L · d) to the input
+    embeddings (L the padded batch length, d the width, as the paper and TRL do). Returns the hook
+    handle; evaluation (model.eval()) sees clean embeddings."""
+    emb = model.get_input_embeddings()
+
+    def hook(module, inputs, out):
+        if not module.training:
+            return out
+        scale = alpha / math.sqrt(out.shape[-2] * out.shape[-1])
+        return out + torch.empty_like(out).uniform_(-scale, scale)
+
+    return emb.register_forward_hook(hook)
+
+
 def _autocast(device, amp):
     return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
 
@@ -381,7 +407,8 @@ def fit(
         wrapped = DDP(loss_mod, device_ids=[device.index] if device.type == "cuda" else None)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(param_groups(model, t.lr, t.loraplus_ratio), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+    neftune = add_neftune(model, t.neftune_alpha) if t.neftune_alpha else None
     n_steps = total_steps(len(train_rows), cfg, dist.world)
     sched = get_scheduler(t.scheduler, opt, num_warmup_steps=int(t.warmup_ratio * n_steps), num_training_steps=n_steps)
 
@@ -440,6 +467,8 @@ def fit(
                 save_checkpoint(run_dir, step + 1, model, opt, sched, history, dist, t.keep_checkpoints)
     finally:
         progress.close()
+        if neftune is not None:
+            neftune.remove()
     seconds = time.perf_counter() - t0
     res = FitResult(n_steps, history, history[-1]["loss"] if history else None, None, tokens, seconds,
                     sum(h.get("input_tokens", 0) for h in history[start:]))

@@ -86,7 +86,7 @@ def add_lora(model, cfg: TuneConfig):
     if missing:
         raise PluralError(f"lora.target_modules: {', '.join(missing)} not found in the model (it has e.g. {', '.join(sorted(present)[:8])})")
     pc = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules if lc.target_modules == "all-linear" else list(lc.target_modules),
-                    task_type="CAUSAL_LM")
+                    use_rslora=lc.rslora, task_type="CAUSAL_LM")
     return get_peft_model(model, pc)
 
 
