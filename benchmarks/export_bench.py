@@ -79,22 +79,11 @@ def plural_answers(adapter: Path, prompts: list[list[int]], stop: set[int]) -> l
 def llama(model_path: Path, lora: Path | None, threads: int):
     import llama_cpp
 
-    # llama-cpp-python 0.3.36 segfaults in its first decode when weights are repacked for AMX (see
-    # serve_bench); load plain CPU buffers.
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
+    from _llama import load_llama
 
-    def no_repack():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = no_repack
-    try:
-        # f32 KV cache (llama.cpp's default is f16) so that only the weights differ from plural's fp32
-        return llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=1024,
-                               n_threads=threads, verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    # f32 KV cache (llama.cpp's default is f16) so that only the weights differ from plural's fp32
+    return load_llama(model_path, lora_path=str(lora) if lora else None, n_ctx=1024, n_threads=threads,
+                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
 def llama_answers(llm, prompts: list[list[int]], stop: set[int]) -> list[list[int]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "serve"))  # the tiny family builders the tests use
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
@@ -34,21 +35,10 @@ TEXT = "Zähl bis 3: 1, 2, 3 {ok} — Réponds\n  en français."
 def llama(path: Path, lora: Path | None):
     import llama_cpp
 
-    # llama-cpp-python 0.3.36 segfaults in its first decode when weights are repacked for AMX (see
-    # serve_bench); load plain CPU buffers.
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
+    from _llama import load_llama
 
-    def no_repack():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = no_repack
-    try:
-        return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True,
-                               verbose=False, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    return load_llama(path, lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True, n_threads=2,
+                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
 def logits_of(llm) -> np.ndarray:

@@ -246,7 +246,8 @@ def peft_mixed_batch(pm, tok, adapters, msgs):
 
 def llamacpp(adapters, msgs, n_req, workdir):
     import llama_cpp
-    from llama_cpp import Llama
+
+    from _llama import load_llama
 
     from plural.export.gguf_lora import export_gguf_lora
     from plural.export.source import open_adapter
@@ -256,21 +257,7 @@ def llamacpp(adapters, msgs, n_req, workdir):
     for p, g in zip(adapters, ggufs):
         if not g.exists():
             export_gguf_lora(open_adapter(p), g)
-    # llama-cpp-python 0.3.36 segfaults in its first decode when the weights are repacked for AMX
-    # (the "extra buffer types"; this Xeon has AMX), with or without an adapter. Llama() exposes no
-    # switch for it, so its default model parameters are wrapped to load plain CPU buffers.
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def no_repack():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = no_repack
-    try:
-        llm = Llama(model_path=str(bundled_gguf()), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    llm = load_llama(bundled_gguf(), n_ctx=1024, n_threads=os.cpu_count())
     handles = [llama_cpp.llama_adapter_lora_init(llm._model.model, str(g).encode()) for g in ggufs]
     assert all(handles), "llama.cpp refused a converted adapter"
     eos = llm.token_eos()

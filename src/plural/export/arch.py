@@ -79,3 +79,9 @@ def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """The inverse of `permute_rows`."""
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gemma2_query_scalar(hidden: int, heads: int, layers: int, head_dim: int) -> int:
+    """The query_pre_attn_scalar llama.cpp uses for Gemma 2 (GGUF has no key for it): the head
+    size, or hidden / heads for the 46-layer 27B model."""
+    return hidden // heads if layers == 46 else head_dim

@@ -109,7 +109,7 @@ def _add_gemma2(w, cfg, head_dim: int, model_dir: Path) -> None:
     """Gemma 2's keys as llama.cpp's converter writes them. llama.cpp has no key for the query scale:
     it uses 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 46-layer 27B model, so a model whose
     `query_pre_attn_scalar` is neither would run with different attention there and is refused."""
-    expect = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 46 else head_dim
+    expect = arch.gemma2_query_scalar(cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, head_dim)
     scalar = getattr(cfg, "query_pre_attn_scalar", None)
     if scalar is not None and float(scalar) != float(expect):
         raise PluralError(f"{model_dir / 'config.json'}: query_pre_attn_scalar {scalar} is not the {expect} llama.cpp "

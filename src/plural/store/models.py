@@ -205,8 +205,8 @@ def _gguf_config(path: Path, meta: dict[str, Any]):
     """transformers' config for a GGUF file, with the keys its GGUF reader leaves at their defaults
     filled from the file (measured on tiny Qwen3 and Gemma 2 files: without this a Qwen3 whose head
     size is not 128 fails to load and a Gemma 2 gets the wrong attention scale):
-    `attention.key_length` is the head size (hidden / heads when absent); Gemma 2's soft-caps are in the file, and its query scale
-    is what llama.cpp computes (it has no key): head size, or hidden/heads for the 46-layer 27B."""
+    `attention.key_length` is the head size (hidden / heads when absent); Gemma 2's soft-caps are
+    in the file, and its query scale is what llama.cpp computes (export.arch.gemma2_query_scalar)."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
@@ -217,8 +217,9 @@ def _gguf_config(path: Path, meta: dict[str, Any]):
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if f"gemma2.{key}" in meta:
                 setattr(cfg, key, float(meta[f"gemma2.{key}"]))
-        layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
-        cfg.query_pre_attn_scalar = cfg.hidden_size // heads if layers == 46 else cfg.head_dim
+        from plural.export.arch import gemma2_query_scalar
+
+        cfg.query_pre_attn_scalar = gemma2_query_scalar(cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.head_dim)
     return cfg
 
 

@@ -408,7 +408,6 @@ def fit(
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, t.lr, t.loraplus_ratio), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
-    neftune = add_neftune(model, t.neftune_alpha) if t.neftune_alpha else None
     n_steps = total_steps(len(train_rows), cfg, dist.world)
     sched = get_scheduler(t.scheduler, opt, num_warmup_steps=int(t.warmup_ratio * n_steps), num_training_steps=n_steps)
 
@@ -425,6 +424,7 @@ def fit(
     t0 = time.perf_counter()
     tokens = 0
     log_path = run_dir / "log.jsonl"
+    neftune = add_neftune(model, t.neftune_alpha) if t.neftune_alpha else None
     try:
         for step in range(start, n_steps):
             micro = step_batches(train_rows, cfg, step, dist)
