@@ -77,6 +77,35 @@ def test_packing_has_no_attention_across_examples(tiny_model):
                 assert r.labels[i] == IGNORE
 
 
+def test_flat_micro_batch_gives_the_padded_loss_and_gradient(tiny_model):
+    """A micro-batch of short rows laid out as one row (collate's flat_max) trains exactly as the
+    padded batch: same loss sum, same token count, same LoRA gradient; over the limit it pads."""
+    from plural.data.packing import unpacked
+    from plural.tune.loop import TokenLoss
+
+    model, tok, _ = load_model(tiny_model)
+    from peft import LoraConfig as PeftLora, get_peft_model
+
+    model = get_peft_model(model, PeftLora(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    msgs = lambda i: [{"role": "user", "content": f"question {i} " * (3 * i + 1)}, {"role": "assistant", "content": f"answer {i} " * (i + 1)}]
+    rows = unpacked([encode_chat(tok, msgs(i)) for i in range(4)])
+    assert len({len(r) for r in rows}) == 4  # unequal lengths: the padded batch has padding
+    loss = TokenLoss(model)
+    out = {}
+    for name, limit in (("padded", 0), ("flat", sum(len(r) for r in rows))):
+        b = collate(rows, tok.pad_token_id, limit)
+        assert b["input_ids"].shape[0] == (1 if limit else 4)
+        total, n = loss(**b)
+        total.backward()
+        out[name] = (float(total.detach()), int(n), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad(set_to_none=True)
+    assert out["padded"][1] == out["flat"][1] > 0
+    assert out["flat"][0] == pytest.approx(out["padded"][0], rel=1e-5)
+    for a, f in zip(out["padded"][2], out["flat"][2]):
+        torch.testing.assert_close(f, a, atol=1e-5, rtol=1e-4)
+    assert collate(rows, tok.pad_token_id, sum(len(r) for r in rows) - 1)["input_ids"].shape[0] == 4
+
+
 def test_pack_is_first_fit_and_keeps_every_token():
     from plural.data.chat import Encoded
 

@@ -17,7 +17,7 @@ from plural.config import load_config
 from plural.errors import PluralError
 from plural.tune.config import TuneConfig
 
-from .helpers import tune_config
+from .helpers import chat_rows, tune_config, write_jsonl
 
 PLURAL = [sys.executable, "-m", "plural.cli.main"]
 
@@ -275,7 +275,7 @@ def test_recipe_knobs_rslora_loraplus_neftune(tmp_path, tiny_model):
     import math
 
     from plural.store.models import load_model
-    from plural.tune.loop import add_neftune, param_groups
+    from plural.tune.loop import NEFTune, param_groups
     from plural.tune.sft import add_lora
 
     cfg_path = tune_config(tmp_path, tiny_model, max_steps=3)
@@ -299,13 +299,40 @@ def test_recipe_knobs_rslora_loraplus_neftune(tmp_path, tiny_model):
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     emb = model.get_input_embeddings()
     clean = emb(ids).detach()
-    handle = add_neftune(model, 5.0)
+    handle = NEFTune(model, 5.0)
     model.train()
     noisy = emb(ids).detach()
     bound = 5.0 / math.sqrt(ids.shape[1] * clean.shape[-1])
     assert 0 < (noisy - clean).abs().max() <= bound
+    handle.length = 24  # a flat micro-batch: the noise of the padded batch it stands for
+    torch.manual_seed(0)
+    wide = (emb(ids).detach() - clean).abs().max()
+    assert 0 < wide <= 5.0 / math.sqrt(24 * clean.shape[-1]) < bound
     model.eval()
     assert torch.equal(emb(ids), clean)
     handle.remove()
     model.train()
     assert torch.equal(emb(ids), clean)
+
+
+def test_wise_ft_keeps_a_fraction_of_the_trained_update(tmp_path, tiny_model):
+    """train.wise_ft: the saved adapter is the trained one with every B scaled (A untouched), so
+    base + keep·BA; its reported held-out loss is the saved adapter's. dpo refuses the key."""
+    from plural.store.adapters import load_manifest
+
+    cfg = tune_config(tmp_path, tiny_model, max_steps=3, save_every=0)
+    write_jsonl(tmp_path / "eval.jsonl", chat_rows(4))
+    full = _fit_in_process(cfg, f"data.eval={tmp_path / 'eval.jsonl'}", f"output={tmp_path / 'full'}")
+    half = _fit_in_process(cfg, f"data.eval={tmp_path / 'eval.jsonl'}", "train.wise_ft=0.5", f"output={tmp_path / 'half'}")
+    tf, th = adapter_tensors(full), adapter_tensors(half)
+    assert tf.keys() == th.keys() and any(".lora_B." in k for k in tf)
+    for k in tf:
+        torch.testing.assert_close(th[k], tf[k] * (0.5 if ".lora_B." in k else 1.0), atol=1e-7, rtol=1e-6, msg=k)
+    mf, mh = load_manifest(full / "adapter").metrics, load_manifest(half / "adapter").metrics
+    # half the update lies between the base and the trained adapter on held-out data
+    assert mf.eval_loss < mh.eval_loss < mf.base_eval_loss
+    bad = tmp_path / "dpo.yaml"
+    bad.write_text(yaml.safe_dump({"method": "dpo", "data": {"train": "x.jsonl"}, "train": {"wise_ft": 0.5}}))
+    r = run_cli("tune", bad)
+    assert r.returncode != 0 and "train.wise_ft: only used by method sft or text, not dpo" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr

@@ -15,6 +15,8 @@ from plural.tune.loop import TokenLoss
 
 
 class ProxLoss(nn.Module):
+    flat_max = TokenLoss.flat_max  # a token sum plus a term per token: the row layout does not matter
+
     def __init__(self, model: nn.Module, mu: float):
         super().__init__()
         self.inner = TokenLoss(model)

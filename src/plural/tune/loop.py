@@ -41,7 +41,7 @@ from torch import nn
 
 from plural.cpu import cpu_info
 from plural.data.chat import IGNORE
-from plural.data.packing import Row, collate
+from plural.data.packing import FLAT_MAX, Row, collate
 from plural.errors import PluralError
 from plural.store.paths import atomic_dir, write_json_atomic
 from plural.tune.config import TuneConfig
@@ -135,7 +135,11 @@ class TokenLoss(nn.Module):
     """Wraps a (PEFT) causal LM; forward returns (sum of CE over the trained tokens, their number).
 
     Shapes: input_ids/labels/position_ids [B, T]; hidden [B, T-1, H] -> selected [N, H] -> logits [N, V].
+    A sum over tokens does not care which row a token is in, so short rows may come as one
+    (`flat_max`, data.packing.collate); loss modules without the attribute get padded batches.
     """
+
+    flat_max = FLAT_MAX
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -340,7 +344,7 @@ def evaluate(loss_mod: TokenLoss, rows: list[Row], pad_id: int, device, amp, bat
     loss_mod.eval()
     tot, n = 0.0, 0.0
     for i in range(0, len(rows), batch_size):
-        b = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
+        b = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id, getattr(loss_mod, "flat_max", 0)).items()}
         with _autocast(device, amp):
             s, c = sum_and_count(loss_mod(**b))
         tot, n = tot + float(s), n + c
@@ -359,19 +363,34 @@ def param_groups(model: nn.Module, lr: float, loraplus_ratio: float | None) -> l
     return [g for g in ({"params": rest, "lr": lr}, {"params": b, "lr": lr * loraplus_ratio}) if g["params"]]
 
 
-def add_neftune(model: nn.Module, alpha: float):
-    """NEFTune: while the model trains, add Uniform(-1, 1) · alpha / sqrt(L · d) to the input
-    embeddings (L the padded batch length, d the width, as the paper and TRL do). Returns the hook
-    handle; evaluation (model.eval()) sees clean embeddings."""
-    emb = model.get_input_embeddings()
+class NEFTune:
+    """NEFTune (Jain et al. 2023): while the model trains, add Uniform(-1, 1) · alpha / sqrt(L · d)
+    to the input embeddings, L the padded batch length and d the width, as the paper and TRL do.
+    A flat micro-batch (one row of several, data.packing.collate) is longer than the padded batch
+    it stands for, so the loop sets `length` to the padded length; unset, the input's own length.
+    Evaluation (model.eval()) sees clean embeddings. `remove()` takes the hook off."""
 
-    def hook(module, inputs, out):
+    def __init__(self, model: nn.Module, alpha: float):
+        self.alpha, self.length = alpha, None
+        self._handle = model.get_input_embeddings().register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, out):
         if not module.training:
             return out
-        scale = alpha / math.sqrt(out.shape[-2] * out.shape[-1])
+        scale = self.alpha / math.sqrt((self.length or out.shape[-2]) * out.shape[-1])
         return out + torch.empty_like(out).uniform_(-scale, scale)
 
-    return emb.register_forward_hook(hook)
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def keep_fraction(model: nn.Module, keep: float) -> None:
+    """WiSE-FT for a LoRA adapter: base + keep · (B A) is the same adapter with every B scaled by
+    `keep` (train.wise_ft), so the result is an ordinary adapter every loader, server and exporter reads."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.mul_(keep)
 
 
 def _autocast(device, amp):
@@ -424,14 +443,17 @@ def fit(
     t0 = time.perf_counter()
     tokens = 0
     log_path = run_dir / "log.jsonl"
-    neftune = add_neftune(model, t.neftune_alpha) if t.neftune_alpha else None
+    neftune = NEFTune(model, t.neftune_alpha) if t.neftune_alpha else None
+    flat_max = getattr(loss_mod, "flat_max", 0)
     try:
         for step in range(start, n_steps):
             micro = step_batches(train_rows, cfg, step, dist)
             n_input = int(dist.all_sum(sum(len(r) for m in micro for r in m)))  # non-padding tokens
             loss_sum, count = 0.0, 0.0
             for i, rows in enumerate(micro):
-                b = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+                b = {k: v.to(device) for k, v in collate(rows, pad_id, flat_max).items()}
+                if neftune is not None:
+                    neftune.length = max(len(r) for r in rows)
                 sync = dist.world == 1 or i == len(micro) - 1
                 with (nullcontext() if sync else wrapped.no_sync()):
                     with _autocast(device, amp):
@@ -472,8 +494,9 @@ def fit(
     seconds = time.perf_counter() - t0
     res = FitResult(n_steps, history, history[-1]["loss"] if history else None, None, tokens, seconds,
                     sum(h.get("input_tokens", 0) for h in history[start:]))
-    if eval_rows:
-        res.eval_loss = evaluate(loss_mod, eval_rows, pad_id, device, amp)
+    if eval_rows:  # the last step's periodic evaluation, when it had one, is this very figure
+        last = history[-1] if history and history[-1]["step"] == n_steps else {}
+        res.eval_loss = last["eval_loss"] if "eval_loss" in last else evaluate(loss_mod, eval_rows, pad_id, device, amp)
     return res
 
 

@@ -86,21 +86,21 @@ def add_lora(model, cfg: TuneConfig):
     if missing:
         raise PluralError(f"lora.target_modules: {', '.join(missing)} not found in the model (it has e.g. {', '.join(sorted(present)[:8])})")
     pc = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules if lc.target_modules == "all-linear" else list(lc.target_modules),
-                    use_rslora=lc.rslora, task_type="CAUSAL_LM")
+                    use_rslora=bool(lc.rslora), task_type="CAUSAL_LM")
     return get_peft_model(model, pc)
 
 
-def sized(cfg: TuneConfig, run_dir: Path, enc: list[Encoded], model, dist, extra: list[Encoded] = ()) -> tuple[TuneConfig, list[Row]]:
+def sized(cfg: TuneConfig, run_dir: Path, enc: list[Encoded], model, dist, tok) -> tuple[TuneConfig, list[Row]]:
     """Fill the values the config left out from the data and the model (tune.schedule), say so,
     and record them in the run's config.yaml. Returns the resolved config and the training rows
-    (of `enc` and `extra`, the replayed documents, which do not count as examples)."""
+    (of `enc` and the replayed documents, which do not count as examples)."""
     from plural.tune import schedule, write_config
 
     G = cfg.train.batch_size * cfg.train.grad_accum * dist.world
     params = sum(p.numel() for p in model.parameters())
     plan = schedule.plan(cfg, len(enc), sum(e.n_trained for e in enc), params, G)
     cfg = schedule.with_packing(cfg, plan)
-    rows = to_rows(list(enc) + list(extra), cfg)
+    rows = to_rows(list(enc) + replay_docs(tok, cfg), cfg)
     steps = loop.total_steps(len(rows), cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})}), dist.world)
     cfg = schedule.resolved(cfg, plan, steps)
     if dist.main:
@@ -117,7 +117,7 @@ def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
 
     model, tok, stored = load_model(cfg.model)
     enc = encode_files(tok, cfg.data.train, cfg)
-    cfg, train_rows = sized(cfg, run_dir, enc, model, dist, extra=replay_docs(tok, cfg))
+    cfg, train_rows = sized(cfg, run_dir, enc, model, dist, tok)
     eval_rows = build_rows(tok, [cfg.data.eval], cfg) if cfg.data.eval else None
     model = add_lora(model, cfg).to(device)
     model.train()
@@ -130,11 +130,16 @@ def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
         from plural.tune import report
 
         amp = loop.autocast_dtype(cfg.train.precision, device)
+        keep = cfg.train.wise_ft or 1.0
+        if keep != 1:
+            loop.keep_fraction(model, keep)
+            print(f"kept {keep:g} of the trained update (train.wise_ft, WiSE-FT): the adapter stays nearer the base's general language", flush=True)
         learned = report.measure(loss_mod, model, train_rows, eval_rows, tok.pad_token_id, device, amp, res.history)
         for line in learned.lines():
             print(line, flush=True)
         metrics = {
-            "steps": res.steps, "train_loss": res.train_loss, "eval_loss": res.eval_loss,
+            # eval_loss of the saved adapter (after train.wise_ft), not of the last training step
+            "steps": res.steps, "train_loss": res.train_loss, "eval_loss": learned.eval_loss if eval_rows else None,
             "final_train_loss": round(learned.train_loss, 4), "base_train_loss": round(learned.base_train_loss, 4),
             "base_eval_loss": None if learned.base_eval_loss is None else round(learned.base_eval_loss, 4),
             "warnings": learned.warnings,

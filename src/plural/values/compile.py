@@ -96,13 +96,16 @@ def tune_configs(profile: Profile, model: str, replay: bool = True) -> dict[str,
     """SFT on the good answers, then DPO from that adapter: defaults measured on SmolLM2-135M (docs/value-profiles.md)."""
     sft = {
         "method": "sft", "model": model,
-        "data": {"train": ["sft_train.jsonl"] + ([REPLAY] if replay else []), "eval": "sft_eval.jsonl", "max_length": 512, "packing": True},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+        # The profile's own replay file, and the recipe measured for it: plain LoRA, no NEFTune (the
+        # sft recipe's defaults, tune.schedule.RECIPES, were measured on domain facts, not on profiles).
+        "data": {"train": ["sft_train.jsonl"] + ([REPLAY] if replay else []), "eval": "sft_eval.jsonl", "max_length": 512, "packing": True,
+                 "replay": 0},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "rslora": False},
         # Measured on SmolLM2-135M (docs/benchmarks.md#values): at 3e-4 for 2 epochs the SFT loss
         # was still 2.0 and the probe answers incoherent German (pass rate 0.05); 6e-4 for 4 epochs
         # learns the profile's patterns (0.86 after SFT), and with the replayed general text the
         # bits per byte on other prose do not rise (+11% without it).
-        "train": {"epochs": 4, "batch_size": 4, "lr": 6e-4},
+        "train": {"epochs": 4, "batch_size": 4, "lr": 6e-4, "neftune_alpha": 0, "wise_ft": 1},
         "output": f"runs/{profile.id}-sft",
     }
     dpo = {
