@@ -28,7 +28,7 @@ def tune_config(tmp: Path, model: str, **train) -> Path:
     cfg = {
         "method": "sft",
         "model": model,
-        # The loop's mechanics, without the sft recipe's defaults (tune.schedule.RECIPES: NEFTune's
+        # The loop's mechanics, without the sft recipe's defaults (tune.schedule.METHOD_DEFAULTS: NEFTune's
         # noise would differ between batch layouts); test_schedule runs the recipe itself.
         "data": {"train": str(data), "max_length": 128, "replay": 0},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "rslora": False},

@@ -39,7 +39,7 @@ class DataConfig(Strict):
     # Documents of plural's bundled general text (resources/replay: CC0 prose in eight languages)
     # trained beside the data, loss on every token, so the adapter keeps the base's general language
     # (continual-learning replay, as value profiles do). 0: none; at most the corpus's 64.
-    # None: the method's recipe (tune.schedule.RECIPES: 16 for sft, none otherwise).
+    # None: the method's recipe (tune.schedule.METHOD_DEFAULTS: 16 for sft, none otherwise).
     replay: int | None = Field(None, ge=0, le=64)
     # Examples longer than max_length: "error" stops (data check names the line), "truncate" cuts them.
     overlong: Literal["error", "truncate"] = "truncate"
@@ -58,7 +58,7 @@ class LoraConfig(Strict):
     target_modules: Literal["all-linear"] | list[str] = Field(DEFAULT_TARGETS, min_length=1)
     # rsLoRA (Kalajdzievski 2023): scale B·A by alpha / sqrt(r) instead of alpha / r, so a higher
     # rank is not damped; PEFT's use_rslora, carried into the adapter's adapter_config.json.
-    # None: the method's recipe (tune.schedule.RECIPES: on for sft, off otherwise).
+    # None: the method's recipe (tune.schedule.METHOD_DEFAULTS: on for sft, off otherwise).
     rslora: bool | None = None
 
 
@@ -86,12 +86,12 @@ class TrainConfig(Strict):
     loraplus_ratio: float | None = Field(None, gt=0, le=1024)
     # NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(length × width) on the input
     # embeddings while training (the paper and TRL use alpha 5); 0: off; None: the method's recipe
-    # (tune.schedule.RECIPES: 5 for sft, off otherwise).
+    # (tune.schedule.METHOD_DEFAULTS: 5 for sft, off otherwise).
     neftune_alpha: float | None = Field(None, ge=0, le=100)
     # WiSE-FT (Wortsman et al. 2022), for an adapter: the saved adapter keeps this fraction of the
     # trained update (its B matrices scaled), a point between the base and the fine-tuned model
     # that forgets less of the base's general language. 1: as trained; None: the method's recipe
-    # (tune.schedule.RECIPES). sft and text only.
+    # (tune.schedule.METHOD_DEFAULTS). sft and text only.
     wise_ft: float | None = Field(None, gt=0, le=1)
 
 

@@ -40,7 +40,7 @@ EXAMPLE_VISITS = 500  # epochs ≈ this / examples
 MAX_EPOCHS = 4  # 10 memorised the answers verbatim and forgot general text (+40% bits per byte); see above
 # method -> the recipe keys (config section, key) and the value a config that leaves them out gets
 SFT_RECIPE = {("lora", "rslora"): True, ("train", "neftune_alpha"): 5.0, ("data", "replay"): 16, ("train", "wise_ft"): 0.8}
-RECIPES: dict[str, dict[tuple[str, str], object]] = {"sft": SFT_RECIPE}
+METHOD_DEFAULTS: dict[str, dict[tuple[str, str], object]] = {"sft": SFT_RECIPE}  # not tune.RECIPES (method -> module)
 MIN_STEPS_PER_EPOCH = 64
 LR_REF, PARAMS_REF = 2e-4, 7e9
 LR_MIN, LR_MAX = 1e-4, 1e-3
@@ -61,7 +61,7 @@ class Plan(BaseModel):
     epochs: float
     lr: float
     warmup_ratio: float
-    # the recipe's keys ("lora.rslora", ...) -> value; only those the config left out (RECIPES)
+    # the recipe's keys ("lora.rslora", ...) -> value; only those the config left out (METHOD_DEFAULTS)
     recipe: dict[str, bool | float | int] = {}
     auto: list[str]
 
@@ -99,7 +99,7 @@ def plan(cfg, examples: int, trained_tokens: int, params: int, global_batch: int
     auto = [k for k, v in (("packing", cfg.data.packing if not pairs else False), ("epochs", cfg.train.epochs if not cfg.train.max_steps else 0),
                             ("lr", cfg.train.lr), ("warmup_ratio", cfg.train.warmup_ratio)) if v is None]
     lr = auto_lr(params) * (DPO_LR_FACTOR if cfg.method == "dpo" else 1)
-    recipe = {f"{sect}.{key}": v for (sect, key), v in RECIPES.get(cfg.method, {}).items()
+    recipe = {f"{sect}.{key}": v for (sect, key), v in METHOD_DEFAULTS.get(cfg.method, {}).items()
               if getattr(getattr(cfg, sect), key) is None}
     return Plan(
         examples=examples, trained_tokens=trained_tokens, params=params, auto=auto + list(recipe), recipe=recipe,

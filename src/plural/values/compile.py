@@ -97,7 +97,7 @@ def tune_configs(profile: Profile, model: str, replay: bool = True) -> dict[str,
     sft = {
         "method": "sft", "model": model,
         # The profile's own replay file, and the recipe measured for it: plain LoRA, no NEFTune (the
-        # sft recipe's defaults, tune.schedule.RECIPES, were measured on domain facts, not on profiles).
+        # sft recipe's defaults, tune.schedule.METHOD_DEFAULTS, were measured on domain facts, not on profiles).
         "data": {"train": ["sft_train.jsonl"] + ([REPLAY] if replay else []), "eval": "sft_eval.jsonl", "max_length": 512, "packing": True,
                  "replay": 0},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "rslora": False},
