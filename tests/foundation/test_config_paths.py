@@ -99,7 +99,10 @@ def test_plural_tune_run_from_another_folder(two_folders, tiny_model):
     r = subprocess.run([str(PLURAL), "tune", "../conf/tune.yaml"], capture_output=True, text=True, cwd=work, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     man = json.loads((conf / "runs" / "a" / "adapter" / "plural.json").read_text())
-    assert [d["path"] for d in man["data"]] == [str(conf / "train.jsonl")]
+    from plural.tune.sft import REPLAY
+
+    # the config's file, resolved from its own folder, and the sft recipe's replayed general text
+    assert [d["path"] for d in man["data"]] == [str(conf / "train.jsonl"), str(REPLAY)]
     saved = yaml.safe_load((conf / "runs" / "a" / "config.yaml").read_text())
     assert saved["output"] == str(conf / "runs" / "a") and saved["data"]["train"] == [str(conf / "train.jsonl")]
     r = subprocess.run([str(PLURAL), "tune", str(cfg), "--set", "output=mine"], capture_output=True, text=True, cwd=work, env=env, timeout=600)
