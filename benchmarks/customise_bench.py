@@ -73,6 +73,19 @@ def answer_and_bpb(adapter: Path | None, tests: list[dict]) -> tuple[list[str], 
     return answers, sum(m.num) / sum(m.den)
 
 
+def test_set(domain: Path) -> tuple[Path, list[dict]]:
+    """A domain's unseen test questions: test.jsonl, or eval.jsonl for a folder such as examples/support."""
+    test_file = domain / "test.jsonl" if (domain / "test.jsonl").is_file() else domain / "eval.jsonl"
+    return test_file, read_jsonl(test_file)
+
+
+def scored(answers: list[str], bpb: float, tests: list[dict], base: dict) -> dict:
+    """The log row's scores of one adapter's answers and bits per byte, against the base's."""
+    return {**score(answers, tests), "bpb": bpb, "bpb_change": bpb / base["bpb"] - 1,
+            "base": {k: base[k] for k in ("facts", "style", "loops", "bpb")},
+            "samples": [{"q": t["messages"][0]["content"], "a": a} for t, a in zip(tests, answers)]}
+
+
 def base_scores(domain: Path, test_file: Path, tests: list[dict], work: Path) -> dict:
     """The base model's scores, cached per domain and test file (they do not depend on the recipe)."""
     import hashlib
@@ -116,8 +129,7 @@ def rescore(log: Path, run: Path, scales: list[float], work: Path) -> None:
 
     src = next(r for r in read_jsonl(log) if r.get("run") == str(run))
     domain = DATA / src["domain"]
-    test_file = domain / "test.jsonl" if (domain / "test.jsonl").is_file() else domain / "eval.jsonl"
-    tests = read_jsonl(test_file)
+    test_file, tests = test_set(domain)
     base = base_scores(domain, test_file, tests, work)
     for s in scales:
         dst = work / f"{run.name}-wise{s:g}"
@@ -128,9 +140,7 @@ def rescore(log: Path, run: Path, scales: list[float], work: Path) -> None:
         answers, bpb = answer_and_bpb(dst, tests)
         row = {**{k: src[k] for k in ("domain", "cpu", "steps", "precision", "seconds", "cpu_seconds", "train_seconds", "run")},
                "label": src["label"].removesuffix(", fp32") + f" + WiSE-FT {s:g} (that adapter's B scaled afterwards)" + (", fp32" if src["label"].endswith(", fp32") else ""),
-               "sets": src.get("sets", []) + [f"train.wise_ft={s:g}"], **score(answers, tests), "bpb": bpb,
-               "bpb_change": bpb / base["bpb"] - 1, "base": {k: base[k] for k in ("facts", "style", "loops", "bpb")},
-               "samples": [{"q": t["messages"][0]["content"], "a": a} for t, a in zip(tests, answers)]}
+               "sets": src.get("sets", []) + [f"train.wise_ft={s:g}"], **scored(answers, bpb, tests, base)}
         with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"{src['domain']} WiSE-FT {s:g}: facts {row['facts']:.2f}, style {row['style']:.2f}, bits per byte {100 * row['bpb_change']:+.1f}%")
@@ -192,19 +202,15 @@ def main() -> None:
     rows = []
     for d in args.domains:
         domain = Path(d) if Path(d).is_dir() else DATA / d
-        test_file = domain / "test.jsonl" if (domain / "test.jsonl").is_file() else domain / "eval.jsonl"
-        tests = read_jsonl(test_file)
+        test_file, tests = test_set(domain)
         base = base_scores(domain, test_file, tests, args.work)
         out = args.work / f"{domain.name}-{time.strftime('%H%M%S')}"
         adapter, seconds, cpu_s, chosen = train(domain, args.sets, out)
         answers, bpb = answer_and_bpb(adapter, tests)
-        s = score(answers, tests)
         metrics = json.loads((adapter / "plural.json").read_text())["metrics"]
-        row = {"label": label, "sets": args.sets, "domain": domain.name, "cpu": cpu(), **s, "bpb": bpb, "cpu_seconds": cpu_s,
-               "bpb_change": bpb / base["bpb"] - 1, "base": {k: base[k] for k in ("facts", "style", "loops", "bpb")},
-               "seconds": round(seconds, 1), "train_seconds": metrics.get("seconds"), "steps": metrics.get("steps"),
-               "precision": metrics.get("precision"), "chosen": chosen, "run": str(out),
-               "samples": [{"q": t["messages"][0]["content"], "a": a} for t, a in zip(tests, answers)]}
+        row = {"label": label, "sets": args.sets, "domain": domain.name, "cpu": cpu(), **scored(answers, bpb, tests, base),
+               "cpu_seconds": cpu_s, "seconds": round(seconds, 1), "train_seconds": metrics.get("seconds"), "steps": metrics.get("steps"),
+               "precision": metrics.get("precision"), "chosen": chosen, "run": str(out)}
         rows.append(row)
         with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

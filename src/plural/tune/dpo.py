@@ -199,7 +199,7 @@ def sized(cfg: TuneConfig, run_dir: Path, rows: list[Row], model, dist) -> TuneC
     G = cfg.train.batch_size * cfg.train.grad_accum * dist.world
     params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     plan = schedule.plan(cfg, len(rows), sum(len(r) for r in rows), params, G)
-    cfg = schedule.with_packing(cfg, plan)
+    cfg = schedule.with_plan(cfg, plan)
     steps = loop.total_steps(len(rows), cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})}), dist.world)
     cfg = schedule.resolved(cfg, plan, steps)
     if dist.main:

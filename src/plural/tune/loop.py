@@ -409,8 +409,10 @@ def fit(
     resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None,
     loss_module: nn.Module | None = None,
+    final_eval: bool = True,
 ) -> FitResult:
-    """Train `model`'s trainable parameters on `train_rows`. Returns the history and final losses."""
+    """Train `model`'s trainable parameters on `train_rows`. Returns the history and final losses
+    (the held-out one only with `final_eval`: a caller that measures the adapter itself leaves it out)."""
     from transformers import get_scheduler
 
     t = cfg.train
@@ -494,7 +496,7 @@ def fit(
     seconds = time.perf_counter() - t0
     res = FitResult(n_steps, history, history[-1]["loss"] if history else None, None, tokens, seconds,
                     sum(h.get("input_tokens", 0) for h in history[start:]))
-    if eval_rows:  # the last step's periodic evaluation, when it had one, is this very figure
+    if eval_rows and final_eval:  # the last step's periodic evaluation, when it had one, is this very figure
         last = history[-1] if history and history[-1]["step"] == n_steps else {}
         res.eval_loss = last["eval_loss"] if "eval_loss" in last else evaluate(loss_mod, eval_rows, pad_id, device, amp)
     return res

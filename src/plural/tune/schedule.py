@@ -115,7 +115,7 @@ def _section(cfg, p: Plan, sect: str, **more):
     return getattr(cfg, sect).model_copy(update=update)
 
 
-def with_packing(cfg, p: Plan):
+def with_plan(cfg, p: Plan):
     """`cfg` with the plan's packing and recipe (the rows, and so the step count, depend on
     packing and on the replayed documents; the adapter's shape on lora.rslora)."""
     return cfg.model_copy(update={"data": _section(cfg, p, "data", packing=p.packing), "lora": _section(cfg, p, "lora"),
@@ -127,6 +127,6 @@ def resolved(cfg, p: Plan, steps: int):
     every = cfg.train.eval_every
     if every is None:
         every = max(1, steps // EVALS_PER_RUN) if cfg.data.eval else 0
-    cfg = with_packing(cfg, p)
+    cfg = with_plan(cfg, p)
     train = cfg.train.model_copy(update={"epochs": p.epochs, "lr": p.lr, "warmup_ratio": p.warmup_ratio, "eval_every": every})
     return cfg.model_copy(update={"train": train})

@@ -99,7 +99,7 @@ def sized(cfg: TuneConfig, run_dir: Path, enc: list[Encoded], model, dist, tok) 
     G = cfg.train.batch_size * cfg.train.grad_accum * dist.world
     params = sum(p.numel() for p in model.parameters())
     plan = schedule.plan(cfg, len(enc), sum(e.n_trained for e in enc), params, G)
-    cfg = schedule.with_packing(cfg, plan)
+    cfg = schedule.with_plan(cfg, plan)
     rows = to_rows(list(enc) + replay_docs(tok, cfg), cfg)
     steps = loop.total_steps(len(rows), cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})}), dist.world)
     cfg = schedule.resolved(cfg, plan, steps)
@@ -123,7 +123,9 @@ def run(cfg: TuneConfig, run_dir: Path, resume: bool = False) -> Path:
     model.train()
 
     loss_mod = loop.TokenLoss(model)
-    res = loop.fit(cfg, run_dir, model, train_rows, eval_rows, tok.pad_token_id, dist, device, resume=resume, loss_module=loss_mod)
+    # No end-of-fit evaluation: report.measure below evaluates the adapter as it is saved (after wise_ft).
+    res = loop.fit(cfg, run_dir, model, train_rows, eval_rows, tok.pad_token_id, dist, device, resume=resume, loss_module=loss_mod,
+                   final_eval=False)
 
     adapter_dir = run_dir / "adapter"
     if dist.main:
