@@ -48,7 +48,10 @@ class Int4Weight:
         # `dequantize` (the kernel's cost grows with the rows it multiplies: past `kernel_rows` rows,
         # a long prefill, one dense matmul on the dequantised weight is faster).
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-        self.nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        # nibbles [out, in/G, 16]: a group's first 16 codes in the low nibbles, its last 16 in the
+        # high ones, so unpacking writes whole runs of 16 (interleaved pairs made it 3x slower).
+        qg = q.view(out, inp // self.GROUP, 2, self.GROUP // 2)
+        self.nibbles = (qg[:, :, 0] | (qg[:, :, 1] << 4)).to(torch.uint8).contiguous()
         self.out, self.inp = out, inp
         self.dense = dense or dense_dtype()
         self.kernel_rows = self.KERNEL_ROWS[self.dense]
@@ -69,12 +72,28 @@ class Int4Weight:
         return y.view(*lead, self.out).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight [out, in] in the dense dtype: (q − 8)·scale + zero per group, as the kernel computes it."""
-        n = self.nibbles
-        q = torch.stack([n & 15, n >> 4], dim=-1).view(self.out, self.inp // self.GROUP, self.GROUP)
+        """The weight [out, in] in the dense dtype: (q − 8)·scale + zero per group, as the kernel computes it.
+
+        A long prefill dequantises every projection each step. Written in place, run by run, this
+        took 2.2 ms a layer against 12.5 for unpacking interleaved pairs through temporaries
+        (SmolLM2's four fused projection shapes, capped to AVX2, 2 threads, medians of 9
+        alternations, same values); a whole 640-token int4 prefill step stayed ~1.05 s either way,
+        within this VM's noise: the GEMMs dominate it."""
+        G = self.GROUP
+        half = (self.out, self.inp // G, G // 2)
+        lo, hi = torch.empty(half, dtype=torch.uint8), torch.empty(half, dtype=torch.uint8)
+        f32 = torch.empty(self.out, self.inp)
+        # w = q·scale + (zero − 8·scale): one multiply and one add per element. Both forms are exact
+        # in fp32 (bf16 scale and zero, 4-bit q), so this is the kernel's value. [out, in/G, 1] each.
         sz = self.scales_zeros.float()
-        w = (q.float() - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
-        return w.view(self.out, self.inp).to(self.dense)
+        scale, offset = sz[..., 0].T[..., None], (sz[..., 1] - 8 * sz[..., 0]).T[..., None]
+        torch.bitwise_and(self.nibbles, 15, out=lo)
+        torch.bitwise_right_shift(self.nibbles, 4, out=hi)
+        halves = f32.view(self.out, self.inp // G, 2, G // 2)
+        torch.mul(lo, scale, out=halves[:, :, 0])
+        torch.mul(hi, scale, out=halves[:, :, 1])
+        f32.view(self.out, self.inp // G, G).add_(offset)
+        return f32.to(self.dense)
 
 
 class Int8Weight:
