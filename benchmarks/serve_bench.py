@@ -244,6 +244,17 @@ def peft_mixed_batch(pm, tok, adapters, msgs):
 
 # ---- llama.cpp --------------------------------------------------------------------------------
 
+def llama_build() -> str:
+    """The instruction sets this llama.cpp was compiled for (its own system info): a native build on an
+    AVX-512 CPU is not what an AVX2-only CPU runs, so the table says which one it measured."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    on = [k.strip() for k, _, v in (f.partition("=") for f in info.replace("CPU :", "").split("|")) if v.strip() == "1"]
+    simd = [k for k in on if k.startswith(("AVX", "F16C", "FMA", "AMX"))]
+    return f"llama-cpp-python {llama_cpp.__version__}, CPU kernels for {' '.join(simd) or 'no AVX'}"
+
+
 def llamacpp(adapters, msgs, n_req, workdir):
     import llama_cpp
 
@@ -350,7 +361,8 @@ def main() -> None:
     lines = [
         f"Workload: {args.requests} chat requests x {NEW_TOKENS} new tokens, concurrency {CONCURRENCY}, request i uses "
         "adapter i mod 16 (PEFT-default LoRA r=8 on q_proj+v_proj) on SmolLM2-135M-Instruct. Sequential baselines: "
-        f"{args.baseline_requests} requests measured, closed-loop TTFT computed from their per-request times.",
+        f"{args.baseline_requests} requests measured, closed-loop TTFT computed from their per-request times. "
+        f"llama.cpp's build: {llama_build()}.",
         "",
         f"Command: `{command()}`",
         "",
