@@ -49,7 +49,7 @@ class Int4Weight:
         # a long prefill, one dense matmul on the dequantised weight is faster).
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
         # nibbles [out, in/G, 16]: a group's first 16 codes in the low nibbles, its last 16 in the
-        # high ones, so unpacking writes whole runs of 16 (interleaved pairs made it 3x slower).
+        # high ones, so unpacking writes whole runs of 16 (measured in `dequantize`).
         qg = q.view(out, inp // self.GROUP, 2, self.GROUP // 2)
         self.nibbles = (qg[:, :, 0] | (qg[:, :, 1] << 4)).to(torch.uint8).contiguous()
         self.out, self.inp = out, inp
@@ -80,15 +80,12 @@ class Int4Weight:
         alternations, same values); a whole 640-token int4 prefill step stayed ~1.05 s either way,
         within this VM's noise: the GEMMs dominate it."""
         G = self.GROUP
-        half = (self.out, self.inp // G, G // 2)
-        lo, hi = torch.empty(half, dtype=torch.uint8), torch.empty(half, dtype=torch.uint8)
         f32 = torch.empty(self.out, self.inp)
         # w = q·scale + (zero − 8·scale): one multiply and one add per element. Both forms are exact
         # in fp32 (bf16 scale and zero, 4-bit q), so this is the kernel's value. [out, in/G, 1] each.
         sz = self.scales_zeros.float()
         scale, offset = sz[..., 0].T[..., None], (sz[..., 1] - 8 * sz[..., 0]).T[..., None]
-        torch.bitwise_and(self.nibbles, 15, out=lo)
-        torch.bitwise_right_shift(self.nibbles, 4, out=hi)
+        lo, hi = self.nibbles & 15, self.nibbles >> 4
         halves = f32.view(self.out, self.inp // G, 2, G // 2)
         torch.mul(lo, scale, out=halves[:, :, 0])
         torch.mul(hi, scale, out=halves[:, :, 1])
