@@ -40,6 +40,22 @@ def tiny_adapters(store, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def nan_adapter(tiny_adapters, tmp_path_factory) -> Path:
+    """qv4 with every lora_B weight NaN (as if training diverged): its logits are NaN."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path_factory.mktemp("poisoned") / "nan"
+    shutil.copytree(tiny_adapters["qv4"], dst)
+    w = load_file(dst / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) if "lora_B" in k else v for k, v in w.items()},
+              dst / "adapter_model.safetensors")
+    return dst
+
+
+@pytest.fixture(scope="session")
 def oai_server(store, tiny_adapters, tmp_path_factory):
     """One `plural serve` process (tiny + the qv4 adapter, no keys) for the OpenAI-surface tests
     (test_serve_openai_*.py)."""

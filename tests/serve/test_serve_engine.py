@@ -212,3 +212,33 @@ def test_an_exception_in_one_sequence_fails_it_alone(tiny_engine, monkeypatch):
     good = [s for i, s in enumerate(seqs) if i != 2]
     assert [s.out_ids for s in good] == alone
     assert all(finished[i].finish_reason == "length" for i in (0, 1, 3, 4))
+
+
+@pytest.mark.parametrize("runner", ["fused", "generic"])
+def test_a_failed_rows_nan_cache_does_not_reach_its_next_tenant(store, tiny_adapters, nan_adapter, runner):
+    """A diverged adapter writes NaN into its KV row and fails. The row's next sequence, prefilled
+    alone and then decoding beside a longer one (so each step reads the row past its own position,
+    masked), gets its own tokens: masked-out NaN would poison it (softmax weight 0 x NaN = NaN)."""
+    from plural.store.models import get_model, load_model
+
+    model, tok, _ = load_model(TINY)
+    short, long_ = encode_prompt(tok, PROMPTS[0]), encode_prompt(tok, PROMPTS[2]) * 3
+    # A prefill budget of one long prompt: the last two sequences below are prefilled one by one.
+    eng = Engine(model, tok, max_batch=2, max_len=256, max_queue=8, max_loras=2, max_lora_rank=8,
+                 cache_bytes=1 << 30, dtype=torch.float32, device=torch.device("cpu"), runner=runner,
+                 max_prefill_tokens=len(long_) + 8)
+    eng.stop_ids = set()
+    eng.add_adapter(register("nan", nan_adapter, get_model(TINY), eng.runner, 8))
+    eng.start()
+    try:
+        assert eng.runner.kind == runner
+        greedy = SamplingParams(max_tokens=6, temperature=0.0)
+        alone = run_engine(eng, [(None, short, greedy)])
+        # Row 0 runs a short filler, row 1 the diverged adapter: row 1 now holds NaN up to len(long_).
+        with pytest.raises(AssertionError, match="non-finite logits"):
+            run_engine(eng, [(None, short, SamplingParams(max_tokens=40)), (eng.adapters["nan"], long_, greedy)])
+        # The long sequence takes row 0; the short one row 1, beside it.
+        got = run_engine(eng, [(None, long_ + long_[:8], greedy), (None, short, greedy)])
+        assert got[1] == alone[0]
+    finally:
+        eng.stop()

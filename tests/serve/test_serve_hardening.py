@@ -24,27 +24,14 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def poisoned_copy(src, dst):
-    """The adapter with every lora_B weight NaN (as if training diverged): its logits are NaN."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    w = load_file(dst / "adapter_model.safetensors")
-    save_file({k: torch.full_like(v, float("nan")) if "lora_B" in k else v for k, v in w.items()},
-              dst / "adapter_model.safetensors")
-    return dst
-
-
 @pytest.fixture(scope="module")
-def srv(store, tiny_adapters, tmp_path_factory):
+def srv(store, tiny_adapters, nan_adapter, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hard")
     allowed = tmp / "allowed"
     allowed.mkdir()
-    nan = poisoned_copy(tiny_adapters["qv4"], tmp / "nan")
     settings = {
         "model": "tiny",
-        "adapters": {**{k: str(v) for k, v in tiny_adapters.items()}, "nan": str(nan)},
+        "adapters": {**{k: str(v) for k, v in tiny_adapters.items()}, "nan": str(nan_adapter)},
         "adapter_dirs": [str(allowed)],
         "api_keys": [{"key": KEY, "tenant": "ops", "models": ["*"]},
                      {"key": OTHER_KEY, "tenant": "acme", "models": ["tiny"]}],
@@ -53,7 +40,7 @@ def srv(store, tiny_adapters, tmp_path_factory):
         "log_level": "info",
     }
     s = Server(tmp, settings).wait_ready()
-    s.allowed, s.tmp = allowed, tmp
+    s.allowed, s.tmp, s.nan = allowed, tmp, nan_adapter
     yield s
     s.stop()
 
@@ -155,14 +142,14 @@ def test_bad_input_is_400_naming_the_field(srv):
     assert r.status_code == 200, r.text
 
     def bad_adapter(name, change):
-        folder = shutil.copytree(srv.tmp / "nan", srv.allowed / name)
+        folder = shutil.copytree(srv.nan, srv.allowed / name)
         change(folder)
         return post("/admin/adapters", {"name": name, "path": str(folder)}, ADMIN)
 
     def config(value):
         return lambda f: (f / "adapter_config.json").write_text(json.dumps(value))
 
-    good_cfg = json.loads((srv.tmp / "nan" / "adapter_config.json").read_text())
+    good_cfg = json.loads((srv.nan / "adapter_config.json").read_text())
     for name, change, says in [
         ("cfg-list", config([1, 2]), "must be a JSON object"),
         ("r-zero", config({**good_cfg, "r": 0}), "r must be a positive integer"),
@@ -181,10 +168,10 @@ def test_bad_input_is_400_naming_the_field(srv):
 
 
 def test_symlinks_out_of_the_allowed_folders_are_refused(srv, tmp_path):
-    outside = shutil.copytree(srv.tmp / "nan", tmp_path / "outside")
+    outside = shutil.copytree(srv.nan, tmp_path / "outside")
     for name, target in [("weights-link", outside / "adapter_model.safetensors"),
                          ("config-link", "/etc/passwd")]:
-        folder = shutil.copytree(srv.tmp / "nan", srv.allowed / name)
+        folder = shutil.copytree(srv.nan, srv.allowed / name)
         f = folder / ("adapter_model.safetensors" if name == "weights-link" else "adapter_config.json")
         f.unlink()
         f.symlink_to(target)

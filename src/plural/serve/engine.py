@@ -311,6 +311,8 @@ class Engine:
         if self.metrics:  # here, not where the client reads: a cancelled stream's tokens count too
             self.metrics.generation_tokens.labels(s.model_id).inc(len(s.out_ids))
         if s.row is not None:
+            if reason == "error":
+                self.runner.clear_row(s.row)
             self.sched.release(s)
             if s.adapter is not None:
                 self.cache.release(s.adapter)

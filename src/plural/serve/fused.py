@@ -291,6 +291,11 @@ class FusedRunner:
         return (h * keep).sum(1) / lengths[:, None].float()
 
     @torch.inference_mode()
+    def clear_row(self, row: int) -> None:
+        self.k_cache[:, row].zero_()
+        self.v_cache[:, row].zero_()
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """One token for each of KV rows 0..n-1: tokens [n] at positions pos [n], row b with adapter
         slot slots[b]; logits [n, V]. Rows with no sequence are fed token 0 at position 0; they only

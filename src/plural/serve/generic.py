@@ -263,6 +263,11 @@ class GenericRunner:
         return torch.log_softmax(logits, -1)
 
     @torch.inference_mode()
+    def clear_row(self, row: int) -> None:
+        for t in (*self.cache.k, *self.cache.v):
+            t[row].zero_()
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """One token for each of KV rows 0..n-1 at positions pos [n] (rows with no sequence: token 0, position 0)."""
         n = tokens.shape[0]

@@ -42,6 +42,11 @@ class Runner(Protocol):
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor: ...
 
+    # Zero KV row `row` after a sequence in it failed: a decode step reads every row up to the
+    # batch's longest position, and masked-out NaN still poisons attention (softmax weight 0 x NaN
+    # value = NaN), so a non-finite cache left by a diverged adapter would fail the row's next tenant.
+    def clear_row(self, row: int) -> None: ...
+
     # /v1/embeddings: mean-pooled last hidden state of right-padded prompts [n, T] -> [n, hidden] float32.
     def embeddings(self, ids: torch.Tensor, lengths: torch.Tensor, slots: list[int]) -> torch.Tensor: ...
 
