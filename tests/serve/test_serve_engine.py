@@ -215,7 +215,7 @@ def test_an_exception_in_one_sequence_fails_it_alone(tiny_engine, monkeypatch):
 
 
 @pytest.mark.parametrize("runner", ["fused", "generic"])
-def test_a_failed_rows_nan_cache_does_not_reach_its_next_tenant(store, tiny_adapters, nan_adapter, runner):
+def test_a_failed_rows_nan_cache_does_not_reach_its_next_tenant(store, nan_adapter, runner):
     """A diverged adapter writes NaN into its KV row and fails. The row's next sequence, prefilled
     alone and then decoding beside a longer one (so each step reads the row past its own position,
     masked), gets its own tokens: masked-out NaN would poison it (softmax weight 0 x NaN = NaN)."""
