@@ -65,3 +65,32 @@ def test_failed_import_leaves_nothing_behind(tmp_path, monkeypatch, store):
     with pytest.raises(OSError):
         import_model(src, name="half")
     assert not any((tmp_path / "home" / "models").iterdir())  # no partial folder, no temp folder
+
+
+def test_gguf_import_parses_the_file_once_and_keeps_the_weights(tmp_path, monkeypatch, store):
+    # transformers' GGUF loader parses the file again for the tokenizer, the config and the weights;
+    # import_model makes that one parse (store.models._gguf_parsed_once: ~10 s of `make demo`).
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+
+    from plural.export.gguf_model import export_gguf
+    from plural.export.source import open_source
+
+    src = get_model("tiny")
+    out = tmp_path / "tiny.gguf"
+    export_gguf(open_source("tiny"), out, "f32")
+    parses = []
+    real = gguf.GGUFReader
+
+    def counting(path, mode="r"):
+        parses.append(str(path))
+        return real(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    monkeypatch.setenv("PLURAL_HOME", str(tmp_path / "home"))
+    m = import_model(out, name="from-gguf")
+    assert len(parses) == 1
+    assert gguf.GGUFReader is counting  # restored after the import
+    a, b = load_file(src.path / "model.safetensors"), load_file(m.path / "model.safetensors")
+    assert set(b) <= set(a) and all(torch.equal(a[k], b[k]) for k in b)  # f32 round trip: the same weights

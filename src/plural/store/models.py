@@ -10,11 +10,14 @@ Layout of one stored model::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,9 +103,6 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
 
     `source=None` imports the bundled SmolLM2-135M-Instruct under the name `smollm2-135m-instruct`.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-
     if source is None:
         src = bundled_gguf()
         name = name or DEFAULT_MODEL
@@ -120,9 +120,7 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
     if src.is_file():
         if src.suffix.lower() != ".gguf":
             raise PluralError(f"{src}: expected a .gguf file or a Hugging Face model folder")
-        meta = _check_gguf(src)
         load_kw: dict[str, Any] = {"gguf_file": src.name}
-        src_dir = src.parent
     else:
         if not (src / "config.json").exists():
             raise PluralError(f"{src}: not a Hugging Face model folder (no config.json)")
@@ -134,7 +132,14 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
         for f in sorted(src.glob("*.safetensors")):
             _check_safetensors(f)
         load_kw = {"use_safetensors": True}
-        src_dir = src
+
+    with _gguf_parsed_once():
+        return _import(src, final, name, source_desc, load_kw, overwrite)
+
+
+def _import(src: Path, final: Path, name: str, source_desc: str, load_kw: dict[str, Any], overwrite: bool) -> StoredModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     try:
         if "gguf_file" in load_kw:
@@ -143,12 +148,13 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
             # Qwen2Tokenizer) re-imposes that family's usual normaliser and split when the stored
             # copy is read back, and a Gemma 2 GGUF with a byte-level BPE then tokenised "\n" as
             # <unk> (measured on a tiny Gemma 2 written by plural export gguf).
-            tok = PreTrainedTokenizerFast.from_pretrained(src_dir, local_files_only=True, **load_kw)
+            meta = _check_gguf(src)
+            tok = PreTrainedTokenizerFast.from_pretrained(src.parent, local_files_only=True, **load_kw)
             load_kw["config"] = _gguf_config(src, meta)
         else:
-            tok = AutoTokenizer.from_pretrained(src_dir, local_files_only=True, **load_kw)
+            tok = AutoTokenizer.from_pretrained(src, local_files_only=True, **load_kw)
         model = AutoModelForCausalLM.from_pretrained(
-            src_dir, local_files_only=True, dtype=torch.float32 if "gguf_file" in load_kw else "auto", **load_kw
+            src.parent if "gguf_file" in load_kw else src, local_files_only=True, dtype=torch.float32 if "gguf_file" in load_kw else "auto", **load_kw
         )
     except (OSError, ValueError) as e:
         raise PluralError(f"{src}: could not load the model: {e}") from e
@@ -181,6 +187,36 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
         }
         write_json_atomic(tmp / MANIFEST, manifest)
     return StoredModel(name, final, manifest)
+
+
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Parse a GGUF file once per import, not four times.
+
+    transformers' GGUF loader parses the whole file (metadata, the 49,152-entry vocabulary, the
+    tensor table) again for the tokenizer, the config and the weights, and _check_gguf is a fourth:
+    3.5 s each for the bundled 98 MB file on a 2-core AMD EPYC; it also builds gguf's tensor-name
+    map once per tensor (397 × ~10 ms). The file does not change during one import, so for its
+    duration `gguf.GGUFReader` returns one parsed reader per path and the name map is memoised
+    (both are looked up on the `gguf` module at call time by transformers 5.x). Import of the
+    bundled model: docs/benchmarks.md#make-demo.
+    """
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed: dict[tuple[str, str], Any] = {}
+
+    def reader(path, mode: str = "r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in parsed:
+            parsed[key] = reader_cls(path, mode)
+        return parsed[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
 # The weight readers below transformers raise bare struct.error / SafetensorError (or worse) on a
