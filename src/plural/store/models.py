@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -133,6 +134,8 @@ def import_model(source: str | Path | None = None, name: str | None = None, over
             _check_safetensors(f)
         load_kw = {"use_safetensors": True}
 
+    if "gguf_file" not in load_kw:
+        return _import(src, final, name, source_desc, load_kw, overwrite)
     with _gguf_parsed_once():
         return _import(src, final, name, source_desc, load_kw, overwrite)
 
@@ -189,6 +192,11 @@ def _import(src: Path, final: Path, name: str, source_desc: str, load_kw: dict[s
     return StoredModel(name, final, manifest)
 
 
+# The context below swaps names on the (process-global) gguf module; two imports in threads must
+# not interleave, or the second would save the first's patch as the "original" and leave it behind.
+_GGUF_PATCH = threading.Lock()
+
+
 @contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
     """Parse a GGUF file once per import, not four times.
@@ -203,7 +211,6 @@ def _gguf_parsed_once() -> Iterator[None]:
     """
     import gguf
 
-    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     parsed: dict[tuple[str, str], Any] = {}
 
     def reader(path, mode: str = "r"):
@@ -212,11 +219,13 @@ def _gguf_parsed_once() -> Iterator[None]:
             parsed[key] = reader_cls(path, mode)
         return parsed[key]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+    with _GGUF_PATCH:
+        reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
 # The weight readers below transformers raise bare struct.error / SafetensorError (or worse) on a
