@@ -45,6 +45,7 @@ from plural.data.packing import FLAT_MAX, Row, collate
 from plural.errors import PluralError
 from plural.store.paths import atomic_dir, write_json_atomic
 from plural.tune.config import TuneConfig
+from plural.tune.lora_addmm import fold_lora_updates
 
 CKPT_DIR = "checkpoints"
 
@@ -419,6 +420,7 @@ def fit(
     amp = autocast_dtype(t.precision, device)
     if amp is not None:
         cast_frozen_linears(model, amp)
+    fold_lora_updates(model)  # one GEMM per LoRA linear instead of GEMM, scale, add (tune.lora_addmm)
     loss_mod = loss_module or TokenLoss(model)
     loss_mod.to(device).train()
     wrapped: nn.Module = loss_mod
