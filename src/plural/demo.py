@@ -86,9 +86,12 @@ def compare(adapter: Path, eval_file: Path, out: Console, n: int, model: str | N
     model, tok, _ = load_for_inference(model, adapter)
     recs = pick_records(eval_file, n)
     qs = [r["messages"][0]["content"] for r in recs]
-    with model.disable_adapter():
-        base = generate(model, tok, qs, max_new_tokens=MAX_NEW_TOKENS)
-    tuned = generate(model, tok, qs, max_new_tokens=MAX_NEW_TOKENS)
+    # Base and adapter answers in one mixed-adapter batch: one pass of decode steps instead of two
+    # (the base's rambling answers run to the token limit while the adapter's stop; docs/benchmarks.md#make-demo).
+    k = len(qs)
+    both = generate(model, tok, qs + qs, max_new_tokens=MAX_NEW_TOKENS, batch_size=2 * k,
+                    adapter_names=["__base__"] * k + [model.active_adapter] * k)
+    base, tuned = both[:k], both[k:]
     t = Table("question", "base SmolLM2", "with the Velora adapter", "reference", "facts", show_lines=True)
     scored = "metadata" in recs[0]
     for r, b, a in zip(recs, base, tuned):

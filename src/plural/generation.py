@@ -42,8 +42,14 @@ def generate(
     batch_size: int = 8,
     system: str | None = None,
     seed: int | None = None,
+    adapter_names: list[str] | None = None,
 ) -> list[str]:
-    """Answer each prompt (a user string or a message list); greedy when temperature == 0."""
+    """Answer each prompt (a user string or a message list); greedy when temperature == 0.
+
+    `adapter_names` (a PEFT model only): the adapter of each prompt, "__base__" for none, so one
+    batch answers with several adapters and the base at once (PEFT's mixed-adapter batch)."""
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"adapter_names: {len(adapter_names)} names for {len(prompts)} prompts")
     texts = [render(tok, as_messages(p, system), add_generation_prompt=True) for p in prompts]
     out: list[str] = [""] * len(texts)
     old_side = tok.padding_side
@@ -60,6 +66,8 @@ def generate(
                 kw.update(temperature=temperature, top_p=top_p)
             else:
                 kw.update(temperature=None, top_p=None, top_k=None)
+            if adapter_names is not None:
+                kw["adapter_names"] = [adapter_names[i] for i in idx]
             gen = model.generate(**enc, **kw)
             for j, i in enumerate(idx):
                 out[i] = tok.decode(gen[j, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -186,3 +186,24 @@ def test_directory_and_huge_line(tmp_path):
     assert len(recs) == 1 and (2, "line-too-large") in _categories(issues)
     with pytest.raises(PluralError, match=r"huge.jsonl:2: error \[line-too-large\]"):
         load_records(p)
+
+
+def test_mixed_adapter_generation_gives_each_rows_own_answer(tiny_model):
+    """generate(adapter_names=...): one batch with base and adapter rows (the demo's comparison)
+    answers each row as a separate base-only or adapter-only generation does."""
+    from peft import LoraConfig as PeftLora, get_peft_model
+
+    from plural.generation import generate
+
+    model, tok, _ = load_model(tiny_model)
+    torch.manual_seed(0)
+    model = get_peft_model(model, PeftLora(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False)).eval()
+    qs = ["Where is my parcel?", "Wie lange dauert die Lieferung nach Wien?"]
+    with model.disable_adapter():
+        base = generate(model, tok, qs, max_new_tokens=12)
+    tuned = generate(model, tok, qs, max_new_tokens=12)
+    assert base != tuned  # the adapter changes the answers, so a mix-up would show
+    both = generate(model, tok, qs + qs, max_new_tokens=12, batch_size=4, adapter_names=["__base__"] * 2 + ["default"] * 2)
+    assert both == base + tuned
+    with pytest.raises(ValueError, match="3 names for 2 prompts"):
+        generate(model, tok, qs, adapter_names=["default"] * 3)
