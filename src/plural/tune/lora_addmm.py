@@ -28,14 +28,13 @@ from torch import nn
 
 
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    from peft.tuners.lora.layer import Linear
-
+    # Only set on exact peft.tuners.lora.layer.Linear instances, so type(self).forward is PEFT's.
     active = self.active_adapters
     ad = active[0] if len(active) == 1 else None
     if (args or kwargs or ad is None or self.disable_adapters or self.merged or ad not in self.lora_A
             or ad in self.lora_variant or self.lora_B[ad].bias is not None
             or (self.get_base_layer().weight.dtype != self.lora_A[ad].weight.dtype and not torch.is_autocast_enabled(x.device.type))):
-        return Linear.forward(self, x, *args, **kwargs)
+        return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer(x)
     h = F.linear(self.lora_dropout[ad](self._cast_input_dtype(x, self.lora_A[ad].weight.dtype)), self.lora_A[ad].weight)
     out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B[ad].weight.t(),
