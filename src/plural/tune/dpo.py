@@ -188,6 +188,10 @@ def setup(cfg: TuneConfig, run_dir: Path):
     eval_rows = build_pair_rows(tok, [cfg.data.eval], cfg.data.max_length) if cfg.data.eval else None
     cfg = sized(cfg, run_dir, train_rows, model, dist)
     model = model.to(device)
+    # The training forward from the start (fit would set it too): DPO's precomputed reference
+    # log-probs must come from the forward the policy's first step uses, or under bf16 autocast
+    # they differ by rounding and the first loss is not log 2.
+    loop.fold_lora_updates(model)
     model.train()
     return cfg, device, dist, model, tok, stored, train_rows, eval_rows
 
