@@ -10,7 +10,7 @@ result is the same sum (bit-identical in fp32 when `scaling` is a power of two).
 Measured on a 2-core AMD EPYC capped to AVX2 (fp32, SmolLM2-135M, LoRA r 16 on all seven
 projections, 4 rows of 512 tokens, eager, alternating in one process): 0.92× the step time of
 PEFT's forward; `torch.compile` of every decoder layer reached the same step time after 42 s of
-compilation, so it is not used. Figures and command: docs/benchmarks.md, "Where a training step goes".
+compilation, so it is not used. Figures and commands: docs/benchmarks.md, "The LoRA update inside the GEMM".
 
 The forward is set on each module instance (the PEFT classes are untouched) and hands every case it
 does not cover back to PEFT's own forward: adapters disabled or merged (DPO's reference pass),
