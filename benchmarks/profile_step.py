@@ -31,7 +31,7 @@ from _report import command, cpu_flags
 
 def categorise(name: str, shapes: str, hidden: int, vocab: int) -> str:
     n = name.lower()
-    if "int4pack" in n or "int8pack" in n or n in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear"):
+    if "int4pack" in n or "int8pack" in n or "_linear_pointwise" in n or n in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear"):
         if str(vocab) in shapes:
             return "output layer"
         return f"projections {shapes}"

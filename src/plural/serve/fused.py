@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from plural.errors import PluralError
 from plural.serve.families import Family, family_of
 from plural.serve.lora import GROUPS, LoraSlots, check_tensors, module_shapes, read_adapter
-from plural.serve.quant import QUANTIZE, Int4Weight, Int8Weight, linear
+from plural.serve.quant import QUANTIZE, Int4Weight, Int8Weight, dense_weight, linear
 
 
 class FusedRunner:
@@ -63,7 +63,7 @@ class FusedRunner:
             return t.detach().to(device=device, dtype=dtype).contiguous()
 
         def mat(t):  # a projection / output weight: quantised when asked
-            return Int4Weight(t) if quantize == "int4" else w(t)
+            return Int4Weight(t) if quantize == "int4" else dense_weight(w(t))
 
         def norm_w(t):  # gemma's norms are x * (1 + w), applied in fp32
             return (1.0 + t.detach().float()).to(device) if fam.norm_plus_one else w(t)
@@ -77,7 +77,7 @@ class FusedRunner:
         self.embed = w(m.embed_tokens.weight)
         # Gemma scales embeddings by sqrt(hidden), rounded to the model's dtype as transformers does.
         self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype).item() if fam.embed_scale else None
-        self.lm_head = Int8Weight(hf_model.lm_head.weight) if quantize == "int4" else w(hf_model.lm_head.weight)
+        self.lm_head = Int8Weight(hf_model.lm_head.weight) if quantize == "int4" else dense_weight(w(hf_model.lm_head.weight))
         self.final_norm = norm_w(m.norm.weight)
         self.layers = []
         for layer in m.layers:

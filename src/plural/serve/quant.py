@@ -118,7 +118,7 @@ class Int8Weight:
         self.out, self.inp = w.shape
         self.dense = dense or dense_dtype()
         self.kernel_rows = self.KERNEL_ROWS[self.dense]
-        self.dense_w = self.dequantize()
+        self.dense_w = dense_weight(self.dequantize())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -126,11 +126,39 @@ class Int8Weight:
         if x2.shape[0] <= self.kernel_rows:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale)
         else:
-            y = x2.to(self.dense) @ self.dense_w.T
+            y = linear(x2.to(self.dense), self.dense_w)
         return y.view(*lead, self.out).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         return (self.q.float() * self.scale.float()[:, None]).to(self.dense)
+
+
+class PackedWeight:
+    """A dense fp32 weight [out, in] in oneDNN's blocked layout, multiplied by oneDNN's fp32 GEMM.
+
+    The same fp32 product as `x @ w.T` (relative difference ~5e-7: another summation order), but
+    at the decode step's few rows MKL's sgemm on the plain [out, in] weight is slow for wide
+    outputs: with kernels capped to AVX2 (2 cores, SmolLM2-135M, benchmarks/matmul_kernels_bench.py,
+    docs/benchmarks.md#matmul-kernels) the output layer [49152, 576] took 20.1 ms at 16 rows against
+    10.1 prepacked, gate|up [3072, 576] 0.92 against 0.52; at 2048 rows the two are within 10%.
+    Used for every dense fp32 matrix the CPU runner multiplies (`dense_weight`)."""
+
+    def __init__(self, w: torch.Tensor):
+        self.out, self.inp = w.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().float().contiguous())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.inp).contiguous(), self.packed, None, "none", [], "")
+        return y.view(*lead, self.out)
+
+
+def dense_weight(w: torch.Tensor):
+    """`w` as the runner multiplies it: prepacked for oneDNN where it is an fp32 CPU matrix and
+    torch has oneDNN (x86 builds), else the plain tensor (`x @ w.T`)."""
+    if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return PackedWeight(w)
+    return w
 
 
 def dense_dtype() -> torch.dtype:
@@ -142,4 +170,4 @@ def dense_dtype() -> torch.dtype:
 
 def linear(x: torch.Tensor, w) -> torch.Tensor:
     """x @ w.T for a dense weight tensor or a quantised one."""
-    return w.matmul(x) if isinstance(w, (Int4Weight, Int8Weight)) else x @ w.T
+    return w.matmul(x) if isinstance(w, (Int4Weight, Int8Weight, PackedWeight)) else x @ w.T
